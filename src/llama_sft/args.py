@@ -1,0 +1,234 @@
+"""Typed arguments for training. One set of dataclasses behind both entry points
+(``run_clm_sft_with_peft.py`` and ``llama-sft train``); a YAML file and flags can set any field.
+
+Contract: ``parse_train_args(argv) -> TrainArgs``. ``--config FILE.yaml`` supplies values that
+flags given after it override. Spellings that transformers 5 renamed are accepted and translated
+(``--evaluation_strategy``, ``--warmup_ratio``, ``--group_by_length``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+class ArgumentError(ValueError):
+    """A bad flag value. The message names the flag and says what to do."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Local Hugging Face model folder (safetensors or .bin weights)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with tokenizer.model (SentencePiece) and/or tokenizer.json. Default: the model."
+        },
+    )
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype to load the base weights in: auto, bfloat16, float16 or float32 (default float32). "
+            "On a CPU, float16 is replaced by float32: CPU float16 matrix products are ~100x slower.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa (default), eager, or flash_attention_2."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped in the model folder. Off: only for models you trust."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of Alpaca-format *.json (a list) and *.jsonl files, or one file."},
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "One Alpaca-format file for evaluation."}
+    )
+    validation_split_percentage: float = field(
+        default=0.05,
+        metadata={
+            "help": "Share of the training records held out for evaluation when there is no --validation_file "
+            "and evaluation is asked for: a fraction below 1 (0.05 = 5%%), else a percentage (5 = 5%%)."
+        },
+    )
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Longest sequence in tokens (BOS + prompt + response + EOS)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Threads used to tokenize the data."}
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where tokenized data is cached, keyed by content. Default: ~/.cache/llama_sft/data."
+        },
+    )
+    prompt_template: str = field(
+        default="alpaca", metadata={"help": "Prompt template: alpaca, llama2-chat, or a JSON template file."}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System prompt for templates that have one (default: the template's)."},
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(
+        default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    trainable: str = field(
+        default="q_proj,v_proj",
+        metadata={
+            "help": "Comma list of module names that get LoRA adapters, e.g. q_proj,v_proj,k_proj,o_proj."
+        },
+    )
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of modules trained in full and saved, e.g. embed_tokens,lm_head; null for none."
+        },
+    )
+    peft_path: str | None = field(
+        default=None, metadata={"help": "An existing LoRA folder to continue training (its own config wins)."}
+    )
+
+    @property
+    def target_modules(self) -> list[str]:
+        return _comma_list(self.trainable)
+
+    @property
+    def modules_to_save_list(self) -> list[str] | None:
+        return _comma_list(self.modules_to_save) or None
+
+
+@dataclass
+class SftTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh even if output_dir holds checkpoints (without it, a run resumes from the latest "
+            "checkpoint, and a non-empty output_dir without checkpoints is an error)."
+        },
+    )
+    save_safetensors: bool = field(
+        default=True,
+        metadata={"help": "Save adapters as adapter_model.safetensors (False: adapter_model.bin)."},
+    )
+    debug_errors: bool = field(
+        default=False,
+        metadata={"help": "Show the full traceback of an input error instead of the one-line message."},
+    )
+
+
+@dataclass
+class TrainArgs:
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: SftTrainingArguments
+
+    def to_dict(self) -> dict:
+        training = {k: v for k, v in self.training.to_dict().items() if not k.startswith("_")}
+        return {
+            "model": asdict(self.model),
+            "data": asdict(self.data),
+            "lora": asdict(self.lora),
+            "training": training,
+        }
+
+
+def _comma_list(value: str | None) -> list[str]:
+    if value is None or value.strip().lower() in ("", "null", "none"):
+        return []
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+# transformers 5 renamed or removed these TrainingArguments; the documented command still uses them.
+_RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+
+
+def translate_legacy(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in _RENAMED:
+            out.append(_RENAMED[name] + eq + value)
+        elif name == "--group_by_length":
+            out += (
+                ["--train_sampling_strategy", "group_by_length"]
+                if value.lower() not in ("false", "0")
+                else []
+            )
+        else:
+            out.append(arg)
+    return out
+
+
+def yaml_to_argv(path: str | Path) -> list[str]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ArgumentError(f"{path}: cannot read the --config YAML file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"{path}: a --config file is a mapping of argument names to values")
+    argv = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        flag = f"--{key}"
+        if isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            import json
+
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """Replace ``--config FILE`` by the file's settings, so later flags override them."""
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "--config":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ArgumentError("--config needs a YAML file")
+                value, i = argv[i + 1], i + 1
+            out += yaml_to_argv(value)
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SftTrainingArguments))
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
+    argv = translate_legacy(expand_config(list(sys.argv[1:] if argv is None else argv)))
+    model, data, lora, training = make_parser().parse_args_into_dataclasses(args=argv)
+    if model.model_name_or_path is None:
+        raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
+    if model.tokenizer_name_or_path is None:
+        model.tokenizer_name_or_path = model.model_name_or_path
+    return TrainArgs(model, data, lora, training)

@@ -1,0 +1,38 @@
+"""``llama-sft`` subcommands. Each is a plain function taking its own argv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_train(argv: list[str]) -> None:
+    from .train import main
+
+    main(argv)
+
+
+def cmd_demo(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llama-sft demo", description="Train a tiny model on generated data."
+    )
+    parser.add_argument("--output_dir", default="demo_output", help="Where the demo writes everything.")
+    parser.add_argument("--steps", type=int, default=400, help="Optimizer steps.")
+    args = parser.parse_args(argv)
+    from .demo import run_demo
+
+    result = run_demo(args.output_dir, args.steps)
+    if result["after"] <= result["before"]:
+        sys.exit("demo: accuracy did not improve")
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: llama-sft {{{names}}} [flags]   (llama-sft COMMAND --help for each)", file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])

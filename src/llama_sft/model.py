@@ -1,0 +1,195 @@
+"""Base model and LoRA.
+
+Contract: ``load_base_model(model_args, tokenizer, dtype)`` returns a causal LM whose embedding has
+one row per tokenizer id (resized up when the tokenizer is larger; an error when it is smaller).
+``attach_lora(model, lora_args)`` returns a ``PeftModel`` whose trainable parameters are exactly
+the LoRA matrices and ``modules_to_save``, in float32, with the base frozen. With ``peft_path`` the
+saved adapter is loaded trainable and its own configuration wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+from .args import LoraArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class ModelError(ValueError):
+    """A bad model, adapter or LoRA setting. The message names the path or flag and what to do."""
+
+
+def check_model_dir(path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(
+            f"{folder}: --model_name_or_path is not a folder (a local Hugging Face model is needed)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: no config.json; is this a Hugging Face model folder?")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(
+            f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index); "
+            "convert the checkpoint to Hugging Face format first"
+        )
+
+
+def model_vocab_size(path: str) -> int:
+    return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+
+
+def check_vocab(path: str, tokenizer_size: int, tokenizer_path: str) -> bool:
+    """True when the embedding must grow to the tokenizer's size. Smaller tokenizers are refused."""
+    rows = model_vocab_size(path)
+    if tokenizer_size < rows:
+        raise ModelError(
+            f"{tokenizer_path}: the tokenizer has {tokenizer_size} tokens but the model {path} has {rows} "
+            "embedding rows. This usually means the original LLaMA tokenizer (32000) was given for a "
+            "Chinese-LLaMA model (49953/55296): pass the tokenizer that came with the model"
+        )
+    return tokenizer_size > rows
+
+
+def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path,
+        dtype=dtype,
+        attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code,
+        use_safetensors=None,
+    )
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer_size > rows:
+        logger.warning(
+            "resizing the model's embeddings from %d to %d rows to match the tokenizer; the new rows "
+            "start as the mean of the old ones and need training (put embed_tokens,lm_head in "
+            "--modules_to_save, or the merged model keeps them untrained)",
+            rows,
+            tokenizer_size,
+        )
+        model.resize_token_embeddings(tokenizer_size, mean_resizing=True)
+    return model
+
+
+def _module_names(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    linear, every = set(), set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        every.add(leaf)
+        if isinstance(module, torch.nn.Linear):
+            linear.add(leaf)
+    return linear, every
+
+
+def check_lora_args(model: torch.nn.Module, lora: LoraArguments) -> None:
+    if lora.peft_path is not None:
+        return
+    if lora.lora_rank <= 0:
+        raise ModelError(f"--lora_rank {lora.lora_rank}: the rank must be a positive integer (8 is usual)")
+    if not 0 <= lora.lora_dropout < 1:
+        raise ModelError(f"--lora_dropout {lora.lora_dropout}: must be in [0, 1)")
+    linear, every = _module_names(model)
+    if not lora.target_modules:
+        raise ModelError("--trainable is empty: name the modules that get LoRA, e.g. q_proj,v_proj")
+    unknown = [m for m in lora.target_modules if m not in linear]
+    if unknown:
+        raise ModelError(
+            f"--trainable names {', '.join(unknown)}, which the model has no linear layer called; "
+            f"choose from {', '.join(sorted(linear))}"
+        )
+    missing = [m for m in lora.modules_to_save_list or [] if m not in every]
+    if missing:
+        raise ModelError(
+            f"--modules_to_save names {', '.join(missing)}, which the model has no module called; "
+            "for LLaMA use embed_tokens,lm_head (or null for none)"
+        )
+
+
+def read_adapter_config(peft_path: str) -> dict:
+    config_file = Path(peft_path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{peft_path}: --peft_path has no adapter_config.json; give a folder saved by PEFT")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{config_file}: cannot read ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise ModelError(f"{config_file}: --peft_path is a {config.get('peft_type')!r} adapter, not a LoRA")
+    return config
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
+    if lora.peft_path is not None:
+        saved = read_adapter_config(lora.peft_path)
+        _warn_disagreements(saved, lora)
+        try:
+            model = PeftModel.from_pretrained(model, lora.peft_path, is_trainable=True)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{lora.peft_path}: the adapter does not fit this base model ({str(exc).splitlines()[0]}); "
+                "was it trained on another base or vocabulary size?"
+            ) from None
+    else:
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=lora.lora_rank,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=lora.target_modules,
+            modules_to_save=lora.modules_to_save_list,
+            inference_mode=False,
+        )
+        model = get_peft_model(model, config)
+    # Trainable weights live in float32 whatever the base dtype: fp16 gradients cannot be unscaled
+    # by the AMP grad scaler, and bf16 master weights lose small updates.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
+    given = {
+        "r": lora.lora_rank,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout,
+        "target_modules": sorted(lora.target_modules),
+        "modules_to_save": sorted(lora.modules_to_save_list or []),
+    }
+    for key, value in given.items():
+        stored = saved.get(key)
+        if isinstance(stored, list | tuple | set):
+            stored = sorted(stored)
+        elif stored is None and key == "modules_to_save":
+            stored = []
+        if stored != value and not (
+            isinstance(value, float) and stored is not None and float(stored) == value
+        ):
+            logger.warning(
+                "--peft_path %s: its %s is %s; the flag's %s is ignored (a loaded adapter keeps its own config)",
+                lora.peft_path,
+                key,
+                stored,
+                value,
+            )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,157 @@
+"""Stage 1: Alpaca files -> validated records.
+
+Contract: ``load_records(path) -> list[Record]`` reads one ``.json`` file (a JSON list of objects)
+or ``.jsonl`` file (one object a line); ``find_data_files(dataset_dir)`` lists a folder's data
+files in a stable order. Every record has string ``instruction`` and ``output`` and an optional
+string ``input`` (missing or null is empty). Anything else raises ``DataError`` naming the file,
+the record index and what to do, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+class DataError(ValueError):
+    """Bad training data. The message names the file and record and says what to do."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+    @property
+    def full_instruction(self) -> str:
+        """The text put into the template: a non-empty ``input`` joins the instruction on a new line."""
+        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+
+
+def find_data_files(dataset_dir: str | Path) -> list[Path]:
+    directory = Path(dataset_dir)
+    if not directory.exists():
+        raise DataError(f"{directory}: --dataset_dir does not exist")
+    if directory.is_file():
+        return [directory]
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"{directory}: no *.json or *.jsonl files in --dataset_dir; put Alpaca-format files there "
+            '([{"instruction": ..., "input": ..., "output": ...}, ...])'
+        )
+    return files
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise _DuplicateKey(duplicated[0])
+    return dict(pairs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _parse(text: str, where: str) -> object:
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise DataError(
+            f"{where}: key {exc.args[0]!r} appears twice in one object; JSON readers disagree on which "
+            "value wins, so remove one"
+        ) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte {exc.start} (line {line}); re-save the file as UTF-8"
+        ) from None
+
+
+def _parse_lines(path: Path, text: str) -> list[object]:
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(_parse(line, f"{path}, line {number}"))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}, line {number}: invalid JSON ({exc.msg}); fix or remove that line"
+            ) from None
+    return items
+
+
+def load_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        items = _parse_lines(path, text)
+    else:
+        try:
+            items = _parse(text, str(path))
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+                # A JSON Lines file saved as .json: every line an object is unambiguous, so read it.
+                items = _parse_lines(path, text)
+            else:
+                raise DataError(
+                    f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
+                    "the file must be one JSON list of records"
+                ) from None
+        if isinstance(items, dict):
+            raise DataError(
+                f"{path}: the file holds one JSON object; Alpaca data is a JSON list of records: "
+                '[{"instruction": ..., "input": ..., "output": ...}, ...]'
+            )
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON list of records, found {type(items).__name__}")
+    records = [_to_record(item, path, index) for index, item in enumerate(items)]
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def _to_record(item: object, path: Path, index: int) -> Record:
+    where = f"{path}, record {index}"
+    if not isinstance(item, dict):
+        raise DataError(
+            f"{where}: expected an object with instruction/input/output, found {type(item).__name__}"
+        )
+    values = {}
+    for key in ("instruction", "input", "output"):
+        value = item.get(key)
+        if value is None and key == "input":
+            value = ""
+        if value is None:
+            raise DataError(
+                f"{where}: missing {key!r}; every record needs 'instruction' and 'output' strings"
+            )
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
+        values[key] = value
+    if not values["instruction"].strip() and not values["input"].strip():
+        raise DataError(f"{where}: 'instruction' and 'input' are both empty; give the record an instruction")
+    return Record(**values)
+
+
+def load_dataset_dir(dataset_dir: str | Path) -> list[Record]:
+    return [record for path in find_data_files(dataset_dir) for record in load_records(path)]

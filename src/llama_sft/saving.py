@@ -1,0 +1,74 @@
+"""Writing output folders so that a crash never leaves a half-written one in place of a good one.
+
+Contract: ``with atomic_dir(final) as tmp:`` yields an empty sibling folder; when the block ends
+without error, ``tmp`` replaces ``final`` (the previous ``final`` survives until the new one is
+complete); on error ``tmp`` is removed and ``final`` is untouched. ``write_lora_folder`` fills a
+folder with what ``sft_lora_model`` must hold beside the adapter weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .templates import Template
+from .tokenizer import TextTokenizer
+
+LORA_DIR = "sft_lora_model"
+ARGS_FILE = "training_args.json"
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_tree(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").is_file():
+        return load_file(folder / "adapter_model.safetensors")
+    return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+
+
+def write_lora_folder(
+    folder: Path, tokenizer: TextTokenizer, template: Template, run_args: dict, safetensors: bool = True
+) -> None:
+    """Complete a folder that already holds PEFT's adapter files (as ``Trainer.save_model`` writes them)."""
+    tensors = adapter_tensors(folder)
+    if not any("lora_" in name for name in tensors):
+        raise RuntimeError(f"{folder}: the saved adapter holds no LoRA weights; refusing to publish it")
+    if not safetensors:
+        torch.save(tensors, folder / "adapter_model.bin")
+        (folder / "adapter_model.safetensors").unlink()
+    tokenizer.save(folder)
+    template.save(folder)
+    (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")

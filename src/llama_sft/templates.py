@@ -1,0 +1,75 @@
+"""Prompt templates are data: JSON files with a ``prompt`` containing ``{instruction}`` (and
+optionally ``{system_prompt}``).
+
+Contract: ``load_template(name_or_path) -> Template``; ``Template.render(instruction) -> str`` is the
+exact prompt text the model sees before the response. The template used by a run is saved beside
+its adapter (``template.json``) so inference renders prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+TEMPLATE_FILE = "template.json"
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    prompt: str
+    system_prompt: str | None = None
+    followup_prompt: str | None = None
+    description: str = ""
+
+    def render(self, instruction: str, system_prompt: str | None = None) -> str:
+        system = self.system_prompt if system_prompt is None else system_prompt
+        # str.replace, not str.format: instructions and templates may contain literal braces.
+        return self.prompt.replace("{system_prompt}", system or "").replace("{instruction}", instruction)
+
+    def render_followup(self, instruction: str) -> str:
+        """Prompt of a later turn in a multi-turn chat (appended after the previous answer)."""
+        if self.followup_prompt is None:
+            raise TemplateError(f"template {self.name!r} has no multi-turn format")
+        return self.followup_prompt.replace("{instruction}", instruction)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / TEMPLATE_FILE
+        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
+
+
+def load_template(name_or_path: str | Path) -> Template:
+    """A built-in name (``alpaca``, ``llama2-chat``), a JSON file, or a folder holding template.json."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / TEMPLATE_FILE
+    elif not path.is_file():
+        path = TEMPLATE_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise TemplateError(
+                f"unknown prompt template {str(name_or_path)!r}: give one of {', '.join(builtin_names())} "
+                "or the path of a JSON file with a 'prompt' containing '{instruction}'"
+            )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TemplateError(f"{path}: cannot read the prompt template: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+        raise TemplateError(f"{path}: a template is a JSON object with a string 'prompt'")
+    if "{instruction}" not in data["prompt"]:
+        raise TemplateError(f"{path}: the template's 'prompt' must contain '{{instruction}}'")
+    fields = {k: data[k] for k in ("prompt", "system_prompt", "followup_prompt", "description") if k in data}
+    return Template(name=str(data.get("name", path.stem)), **fields)

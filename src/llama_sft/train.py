@@ -1,0 +1,359 @@
+"""The training run, top to bottom: arguments, tokenizer and data, model, LoRA, trainer, save.
+
+Both entry points land here: ``scripts/training/run_clm_sft_with_peft.py`` (under torchrun, with
+or without DeepSpeed) and ``llama-sft train``. One code path serves 1 or N processes; the
+distributed set-up comes from torchrun's environment through the Trainer.
+
+Everything a user can get wrong (data, template, tokenizer, model folder, LoRA flags, output
+folder) is checked before ``output_dir`` is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .args import ArgumentError, TrainArgs, parse_train_args
+from .collate import Collator
+from .encode import EncodeStats, check_template_fits, encode_cached
+from .model import (
+    ModelError,
+    attach_lora,
+    check_lora_args,
+    check_model_dir,
+    check_vocab,
+    load_base_model,
+    read_adapter_config,
+)
+from .records import DataError, Record, find_data_files, load_records
+from .saving import LORA_DIR, atomic_dir, write_lora_folder
+from .templates import Template, TemplateError, load_template
+from .tokenizer import TextTokenizer, TokenizerError
+
+logger = logging.getLogger("llama_sft")
+
+INPUT_ERRORS = (ArgumentError, DataError, ModelError, TemplateError, TokenizerError)
+DEFAULT_CACHE = Path.home() / ".cache" / "llama_sft" / "data"
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def plan_cpu_precision(args: TrainArgs) -> list[str]:
+    """Flags that make a GPU recipe run at full speed on a CPU, each announced to the user."""
+    extra = []
+    if args.training.fp16:
+        if cpu_supports_bf16() and not args.training.deepspeed:
+            logger.warning(
+                "--fp16: no GPU here; float16 on a CPU runs ~100x slower, so training uses bfloat16 autocast"
+            )
+            extra += ["--fp16", "False", "--bf16", "True"]
+        else:
+            logger.warning(
+                "--fp16: no GPU here; float16 on a CPU runs ~100x slower, so training runs in float32"
+            )
+            extra += ["--fp16", "False"]
+    if args.training.bf16 and args.training.deepspeed:
+        logger.warning("--bf16 with DeepSpeed on a CPU is not supported; training runs in float32")
+        extra += ["--bf16", "False"]
+    if args.model.torch_dtype == "float16":
+        logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
+        extra += ["--torch_dtype", "float32"]
+    return extra
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    return {None: torch.float32, "auto": "auto"}.get(name) or getattr(torch, name)
+
+
+def parse_for_this_machine(argv: list[str]) -> TrainArgs:
+    argv = list(argv)
+    if not torch.cuda.is_available():
+        probe = parse_train_args(argv)
+        if not probe.training.deepspeed:
+            # Without it, transformers refuses --bf16 on a CPU-only machine.
+            argv += ["--use_cpu", "True"]
+        argv += plan_cpu_precision(probe)
+    return parse_train_args(argv)
+
+
+def load_data(
+    args: TrainArgs, tokenizer: TextTokenizer, template: Template
+) -> tuple[list[Path], list[Record], list[Path], list[Record]]:
+    """Read and validate every data file. Returns (train files, train records, eval files, eval records)."""
+    data = args.data
+    if args.training.do_train and data.dataset_dir is None:
+        raise ArgumentError("--dataset_dir is required with --do_train: a folder of Alpaca-format JSON files")
+    train_files = find_data_files(data.dataset_dir) if data.dataset_dir else []
+    train_records = [r for path in train_files for r in load_records(path)]
+    eval_files, eval_records = [], []
+    wants_eval = args.training.do_eval or args.training.eval_strategy != "no"
+    if data.validation_file:
+        eval_files = [Path(data.validation_file)]
+        eval_records = load_records(data.validation_file)
+    elif wants_eval:
+        train_records, eval_records = split_records(train_records, data.validation_split_percentage)
+        if not eval_records:
+            raise ArgumentError(
+                "evaluation is asked for (--do_eval / --evaluation_strategy) but there is no validation data: "
+                "give --validation_file, or a --validation_split_percentage above 0"
+            )
+    check_template_fits(template, tokenizer, data.max_seq_length)
+    return train_files, train_records, eval_files, eval_records
+
+
+def split_records(records: list[Record], share: float) -> tuple[list[Record], list[Record]]:
+    """Deterministic hold-out: a fixed-seed shuffle of record indices, independent of --seed."""
+    fraction = share if share < 1 else share / 100
+    count = min(len(records) - 1, math.ceil(len(records) * fraction)) if fraction > 0 else 0
+    if count <= 0:
+        return records, []
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(1234)).tolist()
+    held = set(order[:count])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def check_output_dir(args: TrainArgs) -> str | None:
+    """Validate output_dir; return the checkpoint to resume from (None: start afresh)."""
+    out = Path(args.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"{out}: --output_dir is a file; give a folder")
+    requested = args.training.resume_from_checkpoint
+    if requested and requested.lower() not in ("true", "latest"):
+        if not Path(requested).is_dir():
+            raise ArgumentError(f"{requested}: --resume_from_checkpoint is not a folder")
+        return requested
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if requested:
+        if last is None:
+            raise ArgumentError(
+                f"{out}: --resume_from_checkpoint given but output_dir holds no checkpoint-N folder"
+            )
+        return last
+    if args.training.overwrite_output_dir or not out.is_dir():
+        return None
+    if last is not None:
+        logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+        return last
+    leftovers = [p.name for p in out.iterdir() if p.name not in ("runs",)]
+    if leftovers and args.training.do_train:
+        raise ArgumentError(
+            f"{out}: --output_dir is not empty ({', '.join(sorted(leftovers)[:5])}) and holds no checkpoint; "
+            "pass --overwrite_output_dir to write into it, or choose another folder"
+        )
+    return None
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise ArgumentError(f"{folder}: --output_dir is not writable ({exc.strerror})") from None
+
+
+class LoraFolderCallback(TrainerCallback):
+    """Give every checkpoint a ready-to-merge ``sft_lora_model`` beside the Trainer's own files."""
+
+    def __init__(self, tokenizer: TextTokenizer, template: Template, run_args: dict, safetensors: bool):
+        self.tokenizer, self.template, self.run_args, self.safetensors = (
+            tokenizer,
+            template,
+            run_args,
+            safetensors,
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        with atomic_dir(checkpoint / LORA_DIR) as tmp:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copyfile(checkpoint / name, tmp / name)
+            write_lora_folder(tmp, self.tokenizer, self.template, self.run_args, self.safetensors)
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train loss"), (evals, "eval loss")):
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def setup_logging(args: TrainArgs) -> None:
+    level = logging.INFO if args.training.should_log else logging.WARNING
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level
+    )
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+def train(argv: list[str] | None = None) -> Path:
+    # 1. Arguments.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
+    setup_logging(args)
+    training = args.training
+    if training.label_names is None:
+        training.label_names = ["labels"]
+    if training.gradient_checkpointing and training.gradient_checkpointing_kwargs is None:
+        # Reentrant checkpointing needs an input that requires grad; with a frozen embedding it has
+        # none and backward fails ("element 0 of tensors does not require grad").
+        training.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    # 2. Tokenizer, template and data: validated before any model is loaded.
+    tokenizer = TextTokenizer.load(args.model.tokenizer_name_or_path)
+    template = load_template(args.data.prompt_template)
+    if args.data.system_prompt is not None:
+        template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
+    train_files, train_records, eval_files, eval_records = load_data(args, tokenizer, template)
+    check_model_dir(args.model.model_name_or_path)
+    check_vocab(args.model.model_name_or_path, len(tokenizer), args.model.tokenizer_name_or_path)
+    if args.lora.peft_path:
+        read_adapter_config(args.lora.peft_path)
+    resume_from = check_output_dir(args)
+    if tokenizer.added_pad:
+        logger.warning("the tokenizer has no pad token; added %r as id %d", "<pad>", tokenizer.pad_id)
+    mismatches = tokenizer.mismatches_with_transformers()
+    if mismatches:
+        logger.info(
+            "transformers' converted tokenizer segments %d of %d probe texts differently from SentencePiece; "
+            "llama-sft encodes with SentencePiece, as the model was trained",
+            mismatches,
+            2,
+        )
+
+    # 3. Tokenize: the main process encodes and caches, the others then read the cache.
+    cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
+    workers = args.data.preprocessing_num_workers or 1
+    max_len = args.data.max_seq_length
+    with training.main_process_first(desc="tokenizing"):
+        train_set, train_stats, _ = encode_cached(
+            train_records,
+            train_files,
+            template,
+            tokenizer,
+            max_len,
+            cache_dir,
+            workers,
+            extra_key=f"train{len(train_records)}",
+        )
+        eval_set, eval_stats = None, EncodeStats()
+        if eval_records:
+            eval_set, eval_stats, _ = encode_cached(
+                eval_records,
+                eval_files or train_files,
+                template,
+                tokenizer,
+                max_len,
+                cache_dir,
+                workers,
+                extra_key=f"eval{len(eval_records)}",
+            )
+    logger.info(train_stats.report("train data", max_len))
+    if eval_records:
+        logger.info(eval_stats.report("eval data", max_len))
+    if training.do_train and len(train_set) == 0:
+        raise DataError(f"every training record's prompt fills --max_seq_length {max_len}; raise it")
+
+    # 4. Model and LoRA.
+    model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))
+    check_lora_args(model, args.lora)
+    model = attach_lora(model, args.lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+    # 5. Trainer.
+    out = Path(training.output_dir)
+    check_writable(out)
+    run_args = {
+        **args.to_dict(),
+        "data_stats": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
+    }
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(tokenizer.pad_id),
+        callbacks=[LoraFolderCallback(tokenizer, template, run_args, training.save_safetensors)],
+    )
+    if training.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training.do_eval and eval_set is not None:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    # 6. Save the ready-to-merge LoRA, atomically.
+    lora_dir = out / LORA_DIR
+    if training.do_train:
+        tmp = out / f".{LORA_DIR}.trainer-{os.getpid()}"
+        trainer.save_model(str(tmp))
+        if trainer.is_world_process_zero():
+            with atomic_dir(lora_dir) as staging:
+                for item in tmp.iterdir():
+                    if item.name != "training_args.bin":
+                        shutil.move(str(item), staging / item.name)
+                write_lora_folder(staging, tokenizer, template, run_args, training.save_safetensors)
+            shutil.rmtree(tmp, ignore_errors=True)
+            plot_losses(trainer.state.log_history, out / "loss_curve.png")
+            (out / "data_stats.json").write_text(json.dumps(run_args["data_stats"], indent=2) + "\n")
+            logger.info("LoRA ready for merging: %s", lora_dir)
+    trainer.accelerator.wait_for_everyone()
+    return lora_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug_errors" in argv or os.environ.get("LLAMA_SFT_DEBUG") == "1"
+    try:
+        train(argv)
+    except INPUT_ERRORS as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Without this, gloo/DeepSpeed runs sometimes abort at interpreter exit.
+            torch.distributed.destroy_process_group()
