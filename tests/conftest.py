@@ -1,0 +1,79 @@
+"""Hermetic fixtures: a SentencePiece tokenizer trained in seconds and a tiny random LLaMA."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llama_sft.demo import demo_records, make_model, make_tokenizer  # noqa: E402
+from llama_sft.templates import load_template  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_path(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} not present (real tokenizers/data live in ../shared on the project machines)")
+    return path
+
+
+def corpus() -> list[str]:
+    train, held = demo_records()
+    texts = []
+    for name in ("alpaca", "llama2-chat"):
+        template = load_template(name)
+        texts += [template.render(r.full_instruction) + " " + r.output for r in train + held]
+    texts += ["Hello world. 你好，世界。今天天气很好，我们去公园散步吧。", "Summarize the text: 机器学习是人工智能的一个分支。"]
+    return texts * 3
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(folder, corpus(), vocab_size=500)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from llama_sft.tokenizer import TextTokenizer
+
+    return TextTokenizer.load(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("base_model")
+    make_model(folder, len(tokenizer), hidden=32, layers=2, heads=2, intermediate=64)
+    return folder
+
+
+def write_json(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+SMALL_RECORDS = [
+    {"instruction": "Translate to Chinese: red", "input": "", "output": "红色"},
+    {"instruction": "What is 狗 in English?", "output": "dog"},
+    {"instruction": "Translate to English", "input": "猫", "output": "cat"},
+    {"instruction": "Give the Chinese word for ten.", "input": "", "output": "十"},
+] * 4
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    write_json(tmp_path / "data" / "train" / "part1.json", SMALL_RECORDS[:8])
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in SMALL_RECORDS[8:])
+    (tmp_path / "data" / "train" / "part2.jsonl").write_text(lines + "\n", encoding="utf-8")
+    write_json(tmp_path / "data" / "eval.json", SMALL_RECORDS[:4])
+    return tmp_path / "data"
