@@ -31,7 +31,10 @@ def corpus() -> list[str]:
     for name in ("alpaca", "llama2-chat"):
         template = load_template(name)
         texts += [template.render(r.full_instruction) + " " + r.output for r in train + held]
-    texts += ["Hello world. 你好，世界。今天天气很好，我们去公园散步吧。", "Summarize the text: 机器学习是人工智能的一个分支。"]
+    texts += [
+        "Hello world. 你好，世界。今天天气很好，我们去公园散步吧。",
+        "Summarize the text: 机器学习是人工智能的一个分支。",
+    ]
     return texts * 3
 
 
@@ -77,3 +80,54 @@ def data_dir(tmp_path) -> Path:
     (tmp_path / "data" / "train" / "part2.jsonl").write_text(lines + "\n", encoding="utf-8")
     write_json(tmp_path / "data" / "eval.json", SMALL_RECORDS[:4])
     return tmp_path / "data"
+
+
+def train_argv(
+    model_dir: Path, tokenizer_dir: Path, data_dir: Path, output_dir: Path, **overrides
+) -> list[str]:
+    """The documented run_sft.sh flag list at test size; keyword overrides replace or add flags."""
+    flags = {
+        "model_name_or_path": model_dir,
+        "tokenizer_name_or_path": tokenizer_dir,
+        "dataset_dir": data_dir / "train",
+        "validation_file": data_dir / "eval.json",
+        "data_cache_dir": output_dir.parent / "cache",
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "do_train": True,
+        "do_eval": True,
+        "seed": 7,
+        "max_steps": 4,
+        "lr_scheduler_type": "cosine",
+        "learning_rate": 1e-2,
+        "warmup_ratio": 0.03,
+        "weight_decay": 0,
+        "logging_strategy": "steps",
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_total_limit": 3,
+        "evaluation_strategy": "steps",
+        "eval_steps": 2,
+        "save_steps": 2,
+        "gradient_accumulation_steps": 1,
+        "preprocessing_num_workers": 2,
+        "max_seq_length": 128,
+        "output_dir": output_dir,
+        "overwrite_output_dir": True,
+        "ddp_timeout": 30000,
+        "logging_first_step": True,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "trainable": "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+        "modules_to_save": "embed_tokens,lm_head",
+        "lora_dropout": 0.05,
+        "report_to": "none",
+        "disable_tqdm": "True",
+    }
+    flags.update(overrides)
+    argv = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv

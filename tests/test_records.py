@@ -20,7 +20,9 @@ def test_json_and_jsonl_in_stable_order(data_dir):
 
 def test_bom_null_input_and_jsonl_saved_as_json(tmp_path):
     bom = tmp_path / "bom.json"
-    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "input": None, "output": "b"}]).encode())
+    bom.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "input": None, "output": "b"}]).encode()
+    )
     assert load_records(bom) == [Record("a", "", "b")]
     lines = tmp_path / "lines.json"
     lines.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')

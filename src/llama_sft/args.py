@@ -8,6 +8,7 @@ flags given after it override. Spellings that transformers 5 renamed are accepte
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,8 +196,6 @@ def yaml_to_argv(path: str | Path) -> list[str]:
         if isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif isinstance(value, dict):
-            import json
-
             argv += [flag, json.dumps(value)]
         else:
             argv += [flag, str(value)]
@@ -220,13 +219,43 @@ def expand_config(argv: list[str]) -> list[str]:
     return out
 
 
+class _Parser(HfArgumentParser):
+    def error(self, message: str):
+        # argparse's default prints the usage of ~200 flags first, burying the one line that matters.
+        self.exit(2, f"error: {message} (see --help for every flag)\n")
+
+
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SftTrainingArguments))
+    return _Parser((ModelArguments, DataArguments, LoraArguments, SftTrainingArguments))
+
+
+def check_deepspeed_config(argv: list[str]) -> None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != "--deepspeed":
+            continue
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if value.lstrip().startswith("{"):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ArgumentError(
+                f"{value}: --deepspeed config file not found (e.g. scripts/training/ds_zero2_no_offload.json)"
+            )
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
     argv = translate_legacy(expand_config(list(sys.argv[1:] if argv is None else argv)))
-    model, data, lora, training = make_parser().parse_args_into_dataclasses(args=argv)
+    check_deepspeed_config(argv)
+    try:
+        model, data, lora, training = make_parser().parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:
+        # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say).
+        raise ArgumentError(f"bad training arguments: {exc}") from None
     if model.model_name_or_path is None:
         raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:

@@ -36,3 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: llama-sft {{{names}}} [flags]   (llama-sft COMMAND --help for each)", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

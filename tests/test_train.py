@@ -1,0 +1,185 @@
+"""End-to-end training in-process on a tiny model: what lands in sft_lora_model, and that it is right."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+from conftest import train_argv
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llama_sft.collate import Collator
+from llama_sft.demo import make_model
+from llama_sft.encode import encode_records
+from llama_sft.model import ModelError
+from llama_sft.records import load_records
+from llama_sft.templates import load_template
+from llama_sft.train import train
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_loss(model, tokenizer, eval_file) -> float:
+    dataset, _ = encode_records(load_records(eval_file), load_template("alpaca"), tokenizer, 128)
+    batch = Collator(tokenizer.pad_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_documented_flags_write_a_ready_lora(model_dir, tokenizer_dir, tokenizer, data_dir, tmp_path):
+    weights = model_dir / "model.safetensors"
+    before = digest(weights)
+    out = tmp_path / "out"
+    lora_dir = train(
+        train_argv(
+            model_dir,
+            tokenizer_dir,
+            data_dir,
+            out,
+            fp16=True,
+            torch_dtype="float16",
+            gradient_checkpointing=True,
+        )
+    )
+
+    assert lora_dir == out / "sft_lora_model"
+    names = {p.name for p in lora_dir.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    } <= names
+    assert {"special_tokens_map.json", "template.json", "training_args.json"} <= names
+    config = json.loads((lora_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.05)
+    assert sorted(config["target_modules"]) == sorted(
+        "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj".split(",")
+    )
+    assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    assert json.loads((lora_dir / "template.json").read_text())["name"] == "alpaca"
+    run = json.loads((lora_dir / "training_args.json").read_text())
+    assert run["lora"]["lora_rank"] == 4 and run["data"]["max_seq_length"] == 128
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    for step in (2, 4):
+        assert (out / f"checkpoint-{step}" / "sft_lora_model" / "adapter_model.safetensors").is_file()
+
+    # Base weights untouched on disk; adapter weights moved away from their initial values.
+    assert digest(weights) == before
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    embed = next(t for name, t in tensors.items() if "embed_tokens" in name)
+    assert not torch.equal(embed, base.model.embed_tokens.weight)
+
+    # Stock PEFT loads it and reproduces the trainer's final evaluation.
+    base_loss = eval_loss(base, tokenizer, data_dir / "eval.json")
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)), str(lora_dir)
+    ).eval()
+    tuned_loss = eval_loss(tuned, tokenizer, data_dir / "eval.json")
+    recorded = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    # The trainer evaluated under bfloat16 autocast (what --fp16 becomes on a CPU): bf16-sized tolerance.
+    assert tuned_loss == pytest.approx(recorded, rel=2e-3)
+    assert abs(tuned_loss - base_loss) > 0.1
+
+
+@pytest.mark.parametrize("modules_to_save", ["embed_tokens,lm_head", None])
+def test_gradient_checkpointing_with_and_without_saved_modules(
+    model_dir, tokenizer_dir, data_dir, tmp_path, modules_to_save
+):
+    out = tmp_path / "out"
+    argv = train_argv(
+        model_dir,
+        tokenizer_dir,
+        data_dir,
+        out,
+        gradient_checkpointing=True,
+        modules_to_save=modules_to_save,
+        do_eval=False,
+        evaluation_strategy="no",
+        save_strategy="no",
+    )
+    lora_dir = train(argv)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 4 and all(0 < loss < 100 for loss in losses)
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for name, t in tensors.items() if "lora_B" in name)
+    assert any("embed_tokens" in name for name in tensors) == (modules_to_save is not None)
+
+
+def test_continue_from_peft_path(model_dir, tokenizer_dir, data_dir, tmp_path, caplog):
+    first = train(
+        train_argv(
+            model_dir, tokenizer_dir, data_dir, tmp_path / "a", do_eval=False, evaluation_strategy="no"
+        )
+    )
+    saved = load_file(first / "adapter_model.safetensors")
+
+    # Learning rate 0: the continued adapter must come out exactly as it was loaded.
+    with caplog.at_level(logging.WARNING):
+        frozen = train(
+            train_argv(
+                model_dir,
+                tokenizer_dir,
+                data_dir,
+                tmp_path / "b",
+                peft_path=first,
+                learning_rate=0,
+                lora_rank=16,
+                do_eval=False,
+                evaluation_strategy="no",
+            )
+        )
+    assert "its r is 4; the flag's 16 is ignored" in caplog.text
+    again = load_file(frozen / "adapter_model.safetensors")
+    assert again.keys() == saved.keys()
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    assert json.loads((frozen / "adapter_config.json").read_text())["r"] == 4
+
+    # And with a learning rate it keeps training from there.
+    moved = train(
+        train_argv(
+            model_dir,
+            tokenizer_dir,
+            data_dir,
+            tmp_path / "c",
+            peft_path=first,
+            do_eval=False,
+            evaluation_strategy="no",
+        )
+    )
+    after = load_file(moved / "adapter_model.safetensors")
+    lora_keys = [k for k in saved if "lora_A" in k]
+    assert all(not torch.equal(after[k], saved[k]) for k in lora_keys)
+
+
+def test_tokenizer_larger_than_model_resizes(tokenizer_dir, tokenizer, data_dir, tmp_path):
+    small = tmp_path / "small_model"
+    make_model(small, len(tokenizer) - 12, hidden=32, layers=1, heads=2, intermediate=64)
+    lora_dir = train(
+        train_argv(small, tokenizer_dir, data_dir, tmp_path / "out", do_eval=False, evaluation_strategy="no")
+    )
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    embed = next(t for name, t in tensors.items() if "embed_tokens" in name)
+    assert embed.shape[0] == len(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(str(small))
+    base.resize_token_embeddings(len(tokenizer))
+    PeftModel.from_pretrained(base, str(lora_dir))
+
+
+def test_tokenizer_smaller_than_model_is_refused(tokenizer_dir, tokenizer, data_dir, tmp_path):
+    big = tmp_path / "big_model"
+    make_model(big, len(tokenizer) + 100, hidden=32, layers=1, heads=2, intermediate=64)
+    with pytest.raises(ModelError, match="LLaMA vs|original LLaMA tokenizer"):
+        train(train_argv(big, tokenizer_dir, data_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
