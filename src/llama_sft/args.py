@@ -131,6 +131,14 @@ class SftTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Save adapters as adapter_model.safetensors (False: adapter_model.bin)."},
     )
+    nan_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN/inf loss does: stop (with a message naming the step; the last good checkpoint "
+            "is kept) or skip (drop that batch's update and go on).",
+            "choices": ["stop", "skip"],
+        },
+    )
     debug_errors: bool = field(
         default=False,
         metadata={"help": "Show the full traceback of an input error instead of the one-line message."},
@@ -166,9 +174,14 @@ _RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--war
 
 def translate_legacy(argv: list[str]) -> list[str]:
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        if name in _RENAMED:
+        bare = not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        if name == "--resume_from_checkpoint" and bare:
+            out += [name, "latest"]
+        elif name == "--debug" and bare:
+            out.append("--debug_errors")
+        elif name in _RENAMED:
             out.append(_RENAMED[name] + eq + value)
         elif name == "--group_by_length":
             out += (

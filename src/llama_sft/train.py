@@ -20,10 +20,17 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer
 
 from .args import ArgumentError, TrainArgs, parse_train_args
+from .checkpoints import (
+    CheckpointCallback,
+    FiniteGradCallback,
+    StopCallback,
+    TrainingStopped,
+    last_complete_checkpoint,
+    set_aside_old_checkpoints,
+)
 from .collate import Collator
 from .encode import EncodeStats, check_template_fits, encode_cached
 from .model import (
@@ -42,7 +49,7 @@ from .tokenizer import TextTokenizer, TokenizerError
 
 logger = logging.getLogger("llama_sft")
 
-INPUT_ERRORS = (ArgumentError, DataError, ModelError, TemplateError, TokenizerError)
+INPUT_ERRORS = (ArgumentError, DataError, ModelError, TemplateError, TokenizerError, TrainingStopped)
 DEFAULT_CACHE = Path.home() / ".cache" / "llama_sft" / "data"
 
 
@@ -139,7 +146,8 @@ def check_output_dir(args: TrainArgs) -> str | None:
         if not Path(requested).is_dir():
             raise ArgumentError(f"{requested}: --resume_from_checkpoint is not a folder")
         return requested
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = last_complete_checkpoint(out)
+    last = str(last) if last else None
     if requested:
         if last is None:
             raise ArgumentError(
@@ -151,7 +159,9 @@ def check_output_dir(args: TrainArgs) -> str | None:
     if last is not None:
         logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
         return last
-    leftovers = [p.name for p in out.iterdir() if p.name not in ("runs",)]
+    leftovers = [
+        p.name for p in out.iterdir() if p.name not in ("runs",) and not p.name.startswith("checkpoint-")
+    ]
     if leftovers and args.training.do_train:
         raise ArgumentError(
             f"{out}: --output_dir is not empty ({', '.join(sorted(leftovers)[:5])}) and holds no checkpoint; "
@@ -168,27 +178,6 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ArgumentError(f"{folder}: --output_dir is not writable ({exc.strerror})") from None
-
-
-class LoraFolderCallback(TrainerCallback):
-    """Give every checkpoint a ready-to-merge ``sft_lora_model`` beside the Trainer's own files."""
-
-    def __init__(self, tokenizer: TextTokenizer, template: Template, run_args: dict, safetensors: bool):
-        self.tokenizer, self.template, self.run_args, self.safetensors = (
-            tokenizer,
-            template,
-            run_args,
-            safetensors,
-        )
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        with atomic_dir(checkpoint / LORA_DIR) as tmp:
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copyfile(checkpoint / name, tmp / name)
-            write_lora_folder(tmp, self.tokenizer, self.template, self.run_args, self.safetensors)
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -221,7 +210,8 @@ def setup_logging(args: TrainArgs) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
-def train(argv: list[str] | None = None) -> Path:
+def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
+    """Run one training; returns the sft_lora_model folder. ``callbacks`` are extra TrainerCallbacks."""
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
@@ -289,7 +279,8 @@ def train(argv: list[str] | None = None) -> Path:
     if training.do_train and len(train_set) == 0:
         raise DataError(f"every training record's prompt fills --max_seq_length {max_len}; raise it")
 
-    # 4. Model and LoRA.
+    # 4. Model and LoRA. Seeded first: the LoRA A matrices are drawn from the global RNG.
+    transformers.set_seed(training.seed)
     model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))
     check_lora_args(model, args.lora)
     model = attach_lora(model, args.lora)
@@ -301,20 +292,37 @@ def train(argv: list[str] | None = None) -> Path:
     # 5. Trainer.
     out = Path(training.output_dir)
     check_writable(out)
+    if training.do_train and resume_from is None and training.process_index == 0:
+        set_aside_old_checkpoints(out)
     run_args = {
         **args.to_dict(),
         "data_stats": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
     }
+    # Rotation is ours (CheckpointCallback): it runs once a checkpoint is complete and spares the
+    # checkpoint being resumed from.
+    keep, training.save_total_limit = training.save_total_limit, None
+    stop = StopCallback()
     trainer = Trainer(
         model=model,
         args=training,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=Collator(tokenizer.pad_id),
-        callbacks=[LoraFolderCallback(tokenizer, template, run_args, training.save_safetensors)],
+        callbacks=[
+            *(callbacks or []),
+            CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
+            stop,
+            FiniteGradCallback(training.nan_policy),
+        ],
     )
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        if stop.stopped_at is not None:
+            raise TrainingStopped(
+                f"stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
+                f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume "
+                "(add --resume_from_checkpoint if it passes --overwrite_output_dir)"
+            )
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -343,16 +351,17 @@ def train(argv: list[str] | None = None) -> Path:
     return lora_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:
+    """Command-line entry: input errors become one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug_errors" in argv or os.environ.get("LLAMA_SFT_DEBUG") == "1"
+    debug = bool({"--debug", "--debug_errors"} & set(argv)) or os.environ.get("LLAMA_SFT_DEBUG") == "1"
     try:
-        train(argv)
+        train(argv, callbacks)
     except INPUT_ERRORS as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(exc, TrainingStopped) else 2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Without this, gloo/DeepSpeed runs sometimes abort at interpreter exit.
