@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,62 @@ def test_two_processes(model_dir, tokenizer_dir, data_dir, tmp_path):
     assert state["global_step"] == 4
     assert (out / "sft_lora_model" / "adapter_model.safetensors").is_file()
     assert not list(out.glob(".sft_lora_model*"))
+
+
+def losses_and_adapter(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h], load_file(
+        out / "sft_lora_model" / "adapter_model.safetensors"
+    )
+
+
+def assert_equivalent(a: Path, b: Path, tol: float = 1e-5) -> None:
+    (loss_a, adapter_a), (loss_b, adapter_b) = losses_and_adapter(a), losses_and_adapter(b)
+    assert len(loss_a) == len(loss_b) == 4
+    assert loss_a == pytest.approx(loss_b, abs=tol)
+    assert adapter_a.keys() == adapter_b.keys()
+    for key in adapter_a:
+        assert torch.allclose(adapter_a[key], adapter_b[key], atol=tol, rtol=0), key
+
+
+def test_processes_and_accumulation_are_equivalent(model_dir, tokenizer_dir, data_dir, tmp_path):
+    """Same seed, same global batch of 8 records: 1x8, 2 processes x 4, and 8 accumulated steps of 1."""
+
+    def argv(out: Path, batch: int, accumulation: int) -> list[str]:
+        return train_argv(
+            model_dir, tokenizer_dir, data_dir, out, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, lora_dropout=0.0, save_strategy="no", do_eval=False,
+            evaluation_strategy="no", learning_rate=5e-3,
+        )  # fmt: skip
+
+    torchrun(1, argv(tmp_path / "one", 8, 1), tmp_path)
+    torchrun(2, argv(tmp_path / "two", 4, 1), tmp_path)
+    torchrun(1, argv(tmp_path / "accumulated", 1, 8), tmp_path)
+    assert_equivalent(tmp_path / "one", tmp_path / "two")
+    assert_equivalent(tmp_path / "one", tmp_path / "accumulated")
+
+
+def test_deepspeed_two_processes_resume_matches_uninterrupted(model_dir, tokenizer_dir, data_dir, tmp_path):
+    def argv(out: Path, **extra) -> list[str]:
+        return train_argv(
+            model_dir, tokenizer_dir, data_dir, out, deepspeed=DS_CONFIG, per_device_train_batch_size=2,
+            save_steps=2, eval_steps=2, overwrite_output_dir=False, **extra,
+        )  # fmt: skip
+
+    reference = tmp_path / "reference"
+    torchrun(2, argv(reference), tmp_path)
+    assert (reference / "checkpoint-2" / "sft_lora_model").is_dir()
+
+    # A run that died after its step-2 checkpoint: only that checkpoint is left; the same command resumes.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-2", resumed / "checkpoint-2")
+    result = torchrun(2, argv(resumed), tmp_path)
+    assert "resuming from" in result.stderr
+    (loss_ref, adapter_ref), (loss_res, adapter_res) = (
+        losses_and_adapter(reference),
+        losses_and_adapter(resumed),
+    )
+    assert loss_res == pytest.approx(loss_ref, abs=1e-6)
+    for key in adapter_ref:
+        assert torch.allclose(adapter_ref[key], adapter_res[key], atol=1e-6, rtol=0), key

@@ -242,14 +242,19 @@ def make_parser() -> HfArgumentParser:
     return _Parser((ModelArguments, DataArguments, LoraArguments, SftTrainingArguments))
 
 
-def check_deepspeed_config(argv: list[str]) -> None:
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in a raw argv (the last one wins), else None."""
+    found = None
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        if name != "--deepspeed":
-            continue
-        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-        if value.lstrip().startswith("{"):
-            continue
+        if name == flag:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return found
+
+
+def check_deepspeed_config(argv: list[str]) -> None:
+    value = flag_value(argv, "--deepspeed")
+    if value is not None and not value.lstrip().startswith("{"):
         path = Path(value)
         if not path.is_file():
             raise ArgumentError(

@@ -16,13 +16,14 @@ import math
 import os
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import Trainer
 
-from .args import ArgumentError, TrainArgs, parse_train_args
+from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
 from .checkpoints import (
     CheckpointCallback,
     FiniteGradCallback,
@@ -87,8 +88,25 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return {None: torch.float32, "auto": "auto"}.get(name) or getattr(torch, name)
 
 
+def setup_cpu_deepspeed(argv: list[str]) -> list[str]:
+    """DeepSpeed under torchrun on a CPU-only machine: start the process group over gloo ourselves.
+
+    accelerate gives DeepSpeed no backend when there is no GPU, and then every process believes it
+    is rank 0 of 1 (DeepSpeed's batch-size check fails with N processes). A PartialState made first
+    with gloo, and TrainingArguments told to use it, gives every process its real rank.
+    """
+    if torch.cuda.is_available() or "LOCAL_RANK" not in os.environ or flag_value(argv, "--deepspeed") is None:
+        return []
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo", timeout=timedelta(seconds=float(flag_value(argv, "--ddp_timeout") or 1800)))
+    return ["--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
 def parse_for_this_machine(argv: list[str]) -> TrainArgs:
-    argv = list(argv)
+    argv = translate_legacy(expand_config(list(argv)))
+    argv += setup_cpu_deepspeed(argv)
     if not torch.cuda.is_available():
         probe = parse_train_args(argv)
         if not probe.training.deepspeed:
