@@ -39,7 +39,7 @@ def test_bom_null_input_and_jsonl_saved_as_json(tmp_path):
         (b'[{"instruction": "a", "output": ["b"]}]', "record 0: 'output' must be a string, found list"),
         (b'[{"instruction": "a"}]', "record 0: missing 'output'"),
         (b'[{"output": "b"}]', "record 0: missing 'instruction'"),
-        (b'[{"instruction": "a", "output": "b", "output": "c"}]', "key 'output' appears twice"),
+        (b'[{"instruction": "a", "output": "b", "output": "c"}]', "record 0: key 'output' appears twice"),
         (b'[{"instruction": "", "input": "", "output": "b"}]', "both empty"),
         (b"[]", "holds no records"),
         (b'[{"instruction": "\xff", "output": "b"}]', "not valid UTF-8 at byte 18 (line 1)"),

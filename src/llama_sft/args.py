@@ -270,10 +270,14 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
     argv = translate_legacy(expand_config(list(sys.argv[1:] if argv is None else argv)))
     check_deepspeed_config(argv)
     try:
-        model, data, lora, training = make_parser().parse_args_into_dataclasses(args=argv)
+        model, data, lora, training, rest = make_parser().parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
     except ValueError as exc:
         # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say).
         raise ArgumentError(f"bad training arguments: {exc}") from None
+    if rest:
+        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
     if model.model_name_or_path is None:
         raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:

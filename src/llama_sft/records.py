@@ -47,26 +47,21 @@ def find_data_files(dataset_dir: str | Path) -> list[Path]:
     return files
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+class _Object(dict):
+    """A JSON object that remembers the keys it held twice (json keeps only the last value)."""
+
+    duplicated: tuple[str, ...] = ()
+
+
+def _keep_duplicates(pairs: list[tuple[str, object]]) -> _Object:
+    obj = _Object(pairs)
     keys = [k for k, _ in pairs]
-    duplicated = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicated:
-        raise _DuplicateKey(duplicated[0])
-    return dict(pairs)
+    obj.duplicated = tuple(sorted({k for k in keys if keys.count(k) > 1}))
+    return obj
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _parse(text: str, where: str) -> object:
-    try:
-        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKey as exc:
-        raise DataError(
-            f"{where}: key {exc.args[0]!r} appears twice in one object; JSON readers disagree on which "
-            "value wins, so remove one"
-        ) from None
+def _parse(text: str) -> object:
+    return json.loads(text, object_pairs_hook=_keep_duplicates)
 
 
 def _read_text(path: Path) -> str:
@@ -92,7 +87,7 @@ def _parse_lines(path: Path, text: str) -> list[object]:
         if not line.strip():
             continue
         try:
-            items.append(_parse(line, f"{path}, line {number}"))
+            items.append(_parse(line))
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{path}, line {number}: invalid JSON ({exc.msg}); fix or remove that line"
@@ -107,7 +102,7 @@ def load_records(path: str | Path) -> list[Record]:
         items = _parse_lines(path, text)
     else:
         try:
-            items = _parse(text, str(path))
+            items = _parse(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data" and text.lstrip().startswith("{"):
                 # A JSON Lines file saved as .json: every line an object is unambiguous, so read it.
@@ -136,15 +131,19 @@ def _to_record(item: object, path: Path, index: int) -> Record:
         raise DataError(
             f"{where}: expected an object with instruction/input/output, found {type(item).__name__}"
         )
+    if isinstance(item, _Object) and item.duplicated:
+        raise DataError(
+            f"{where}: key {item.duplicated[0]!r} appears twice; JSON readers disagree on which value wins, "
+            "so remove one"
+        )
     values = {}
     for key in ("instruction", "input", "output"):
         value = item.get(key)
         if value is None and key == "input":
             value = ""
         if value is None:
-            raise DataError(
-                f"{where}: missing {key!r}; every record needs 'instruction' and 'output' strings"
-            )
+            problem = f"{key!r} is null" if key in item else f"missing {key!r}"
+            raise DataError(f"{where}: {problem}; every record needs 'instruction' and 'output' strings")
         if not isinstance(value, str):
             raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
         values[key] = value
