@@ -123,6 +123,11 @@ def output_dir_is_a_file(w: World):
     w.flags["output_dir"] = w.out
 
 
+def unwritable_output_dir(w: World):
+    w.out = Path("/proc/llama-sft-output")
+    w.flags["output_dir"] = w.out
+
+
 def config_not_a_mapping(w: World):
     (w.root / "run.yaml").write_text("- lora_rank\n- 8\n")
     w.flags["config"] = w.root / "run.yaml"
@@ -228,6 +233,11 @@ CASES = [
         ["--deepspeed config file not found"],
     ),
     ("output_dir is a file", output_dir_is_a_file, ["out_file: --output_dir is a file"]),
+    (
+        "unwritable output_dir",
+        unwritable_output_dir,
+        ["/proc/llama-sft-output: --output_dir is not writable"],
+    ),
     ("unknown flag", flags(lora_rnak=8), ["unrecognized", "--lora_rnak"]),
     ("bad torch_dtype", flags(torch_dtype="fp8"), ["--torch_dtype", "invalid choice"]),
     ("unknown template", flags(prompt_template="vicuna"), ["unknown prompt template 'vicuna'", "alpaca"]),
@@ -246,6 +256,8 @@ CASES = [
 
 
 def snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
     if folder.is_file():
         return {"": hashlib.sha256(folder.read_bytes()).hexdigest()}
     return {
@@ -319,3 +331,12 @@ def test_debug_shows_the_traceback(tokenizer_dir, model_dir, tmp_path):
     argv = train_argv(model_dir, tokenizer_dir, tmp_path / "data", tmp_path / "out", validation_file=None)
     with pytest.raises(Exception, match="invalid JSON"):
         main(["train", *argv, "--debug"])
+
+
+def test_full_disk_is_refused_before_training(tmp_path):
+    from llama_sft.args import ArgumentError
+    from llama_sft.train import check_writable
+
+    check_writable(tmp_path / "out", 1)
+    with pytest.raises(ArgumentError, match=r"GiB free, but checkpoints of this run need about"):
+        check_writable(tmp_path / "out", 2**62)

@@ -183,9 +183,19 @@ def encode_cached(
                 logger.warning("ignoring unreadable data cache %s; encoding again", path)
     dataset, stats = encode_records(records, template, tokenizer, max_seq_length, num_workers)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written under a temporary name and renamed, so a crash never leaves half a cache file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        try:
+            write_cache(path, dataset, stats)
+        except OSError as exc:
+            # The cache only saves time; a read-only or full cache folder must not stop training.
+            logger.warning("cannot write the data cache %s (%s); continuing without it", path, exc.strerror)
+    return dataset, stats, False
+
+
+def write_cache(path: Path, dataset: EncodedDataset, stats: EncodeStats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a crash never leaves half a cache file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
         with os.fdopen(fd, "wb") as out:
             np.savez(
                 out,
@@ -196,4 +206,6 @@ def encode_cached(
                 full_lengths=np.array(stats.full_lengths, dtype=np.int64),
             )
         os.replace(tmp, path)
-    return dataset, stats, False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

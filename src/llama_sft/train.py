@@ -188,7 +188,8 @@ def check_output_dir(args: TrainArgs) -> str | None:
     return None
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, needed_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint hours later."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -196,6 +197,18 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ArgumentError(f"{folder}: --output_dir is not writable ({exc.strerror})") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ArgumentError(
+            f"{folder}: {free / 2**30:.1f} GiB free, but checkpoints of this run need about "
+            f"{needed_bytes / 2**30:.1f} GiB; free some space or choose another --output_dir"
+        )
+
+
+def checkpoint_bytes(trainable_params: int, keep: int | None) -> int:
+    """Adapter (twice: checkpoint and its sft_lora_model) plus Adam's two moments, all float32, for
+    the checkpoints kept at once (one more while the newest is written)."""
+    return trainable_params * 4 * 4 * ((keep or 1) + 1)
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -309,7 +322,7 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
 
     # 5. Trainer.
     out = Path(training.output_dir)
-    check_writable(out)
+    check_writable(out, checkpoint_bytes(trainable, training.save_total_limit) if training.do_train else 0)
     if training.do_train and resume_from is None and training.process_index == 0:
         set_aside_old_checkpoints(out)
     run_args = {
