@@ -183,3 +183,32 @@ def test_tokenizer_smaller_than_model_is_refused(tokenizer_dir, tokenizer, data_
     with pytest.raises(ModelError, match="LLaMA vs|original LLaMA tokenizer"):
         train(train_argv(big, tokenizer_dir, data_dir, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_bin_base_bin_adapter_template_file_and_tensorboard(
+    model_dir, tokenizer, tokenizer_dir, data_dir, tmp_path
+):
+    """A .bin base (read with weights_only), --save_safetensors False, a template file, TensorBoard logs."""
+    bin_model = tmp_path / "bin_model"
+    bin_model.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (bin_model / name).write_bytes((model_dir / name).read_bytes())
+    torch.save(load_file(model_dir / "model.safetensors"), bin_model / "pytorch_model.bin")
+    template_file = tmp_path / "qa.json"
+    template_file.write_text(json.dumps({"name": "qa", "prompt": "Q: {instruction}\nA:"}))
+    out = tmp_path / "out"
+    lora_dir = train(
+        train_argv(
+            bin_model, tokenizer_dir, data_dir, out, save_safetensors="False", prompt_template=template_file,
+            report_to="tensorboard",
+        )
+    )  # fmt: skip
+    assert (lora_dir / "adapter_model.bin").is_file() and not (
+        lora_dir / "adapter_model.safetensors"
+    ).exists()
+    assert json.loads((lora_dir / "template.json").read_text())["prompt"] == "Q: {instruction}\nA:"
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bin_model)), str(lora_dir)
+    ).eval()
+    assert eval_loss(tuned, tokenizer, data_dir / "eval.json") < 100
