@@ -103,10 +103,11 @@ def test_processes_and_accumulation_are_equivalent(model_dir, tokenizer_dir, dat
     assert_equivalent(tmp_path / "one", tmp_path / "accumulated")
 
 
-def test_deepspeed_two_processes_resume_matches_uninterrupted(model_dir, tokenizer_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("deepspeed", [None, DS_CONFIG], ids=["ddp", "deepspeed"])
+def test_two_processes_resume_matches_uninterrupted(model_dir, tokenizer_dir, data_dir, tmp_path, deepspeed):
     def argv(out: Path, **extra) -> list[str]:
         return train_argv(
-            model_dir, tokenizer_dir, data_dir, out, deepspeed=DS_CONFIG, per_device_train_batch_size=2,
+            model_dir, tokenizer_dir, data_dir, out, deepspeed=deepspeed, per_device_train_batch_size=2,
             save_steps=2, eval_steps=2, overwrite_output_dir=False, **extra,
         )  # fmt: skip
 
