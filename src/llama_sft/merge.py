@@ -22,9 +22,11 @@ computed, so the peak is about the largest base shard plus the adapters (see doc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import mmap
 import re
 import shutil
 import sys
@@ -136,16 +138,43 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def _open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
-    """Yield a getter ``name -> tensor`` over one weight file; memory is released on exit."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            yield handle.get_tensor
-    else:
+    """Yield a getter ``name -> tensor`` over one weight file; memory is released on exit.
+
+    safetensors files are memory-mapped and read without copying: a tensor that no adapter changes
+    goes from the page cache straight to the output file.
+    """
+    if path.suffix != ".safetensors":
         state = _load_bin(path)
         try:
             yield state.__getitem__
         finally:
             del state
+        return
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+        # ACCESS_COPY: a writable (copy-on-write) view, which torch.frombuffer wants; nothing is copied
+        # unless written, and nothing here writes.
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + header_size
+
+    def get(name: str) -> torch.Tensor:
+        entry = header[name]
+        dtype = DTYPES_BY_NAME[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if begin == end:
+            return torch.empty(entry["shape"], dtype=dtype)
+        flat = torch.frombuffer(
+            mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+        )
+        return flat.view(entry["shape"])
+
+    try:
+        yield get
+    finally:
+        # A caller may still hold a tensor; then the mapping goes when that tensor does.
+        with contextlib.suppress(BufferError):
+            mapped.close()
 
 
 def read_base_model(folder: str | Path) -> BaseModel:
@@ -269,6 +298,7 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
 
     adapter = Adapter(folder, weights_file, config)
     pairs: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    full: dict[str, Replace] = {}
     for name, tensor in tensors.items():
         key = name.removeprefix(PEFT_PREFIX)
         match = _LORA.match(key)
@@ -279,9 +309,17 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
             raise MergeError(
                 f"{weights_file}: holds DoRA weights ({name}); llama-sft merges plain LoRAs only"
             )
-        # A full tensor from modules_to_save; older PEFT versions kept the wrapper's path in the name.
-        key = re.sub(r"\.(modules_to_save\.[^.]+|original_module|base_layer)(?=\.)", "", key)
-        adapter.ops.setdefault(key, []).append(Replace(tensor))
+        if ".original_module." in key:
+            # PEFT also saves the untouched base copy of a resized modules_to_save layer; not an update.
+            continue
+        # A full tensor from modules_to_save. When the vocabulary was resized PEFT writes it twice, as
+        # X.weight and X.modules_to_save.weight (the same values); the plain name wins.
+        plain = re.sub(r"\.(modules_to_save(\.[^.]+)?|base_layer)(?=\.weight$)", "", key)
+        if plain != key and plain in full:
+            continue
+        full[plain] = Replace(tensor)
+    for key, op in full.items():
+        adapter.ops[key] = [op]
     if not pairs:
         raise MergeError(f"{weights_file}: holds no LoRA weights (lora_A/lora_B); is it a LoRA adapter?")
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
@@ -378,12 +416,20 @@ def merged_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter]) -> to
     ops = [op for adapter in adapters for op in adapter.ops.get(key, ())]
     if not ops:
         return tensor
-    dtype = tensor.dtype
-    # Deltas are summed in float32: a bf16/fp16 sum would round each small delta away.
-    weight = tensor.float()
+    # Deltas are summed in float32 (a bf16/fp16 sum would round small deltas away), with one fused
+    # W + s * (B @ A) per LoRA so that a merged tensor costs one extra copy, not three.
+    current, owned = tensor, False
     for op in ops:
-        weight = op.tensor.float() if isinstance(op, Replace) else weight + op.delta()
-    return weight.to(dtype)
+        if isinstance(op, Replace):
+            current, owned = op.tensor, False
+            continue
+        a, b = op.a.float(), op.b.float()
+        left, right = (a.T, b.T) if op.transpose else (b, a)
+        if owned:
+            current.addmm_(left, right, alpha=op.scaling)
+        else:
+            current, owned = torch.addmm(current.float(), left, right, alpha=op.scaling), True
+    return current.to(tensor.dtype).contiguous()
 
 
 def iter_merged(base: BaseModel, adapters: list[Adapter], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
