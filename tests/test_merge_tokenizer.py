@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
+import torch
+from lora_helpers import logits, peft_reference
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_sft.cli import main as cli_main
 from llama_sft.demo import demo_records, make_model, make_tokenizer, write_alpaca
+from llama_sft.merge import merge
 from llama_sft.merge_tokenizer import HF_DIR, SP_DIR, SP_NAME, merge_tokenizers
 from llama_sft.tokenizer import TextTokenizer
 
@@ -120,6 +123,14 @@ def test_merge_generated_models_then_train(tmp_path, capsys):
     config = json.loads((lora / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert len(TextTokenizer.load(lora)) == len(tokenizer)
+
+    # ... and the LoRA it trained (over a vocabulary grown by <pad>) merges to PEFT's logits.
+    merged = merge(root / "base", [lora], "huggingface", root / "merged")
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    reference = peft_reference(root / "base", [lora])
+    assert model.config.vocab_size == len(tokenizer) == len(AutoTokenizer.from_pretrained(str(merged)))
+    diff = (logits(model, len(tokenizer)) - logits(reference, len(tokenizer))).abs().max().item()
+    assert diff < 1e-4, diff
 
 
 def test_merge_real_llama_and_chinese_models(tmp_path):

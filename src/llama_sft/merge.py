@@ -640,6 +640,11 @@ def write_pth(
 def _output_tokenizer(base: BaseModel, adapters: list[Adapter], rows: int) -> TextTokenizer | None:
     for adapter in reversed(adapters):
         if adapter.tokenizer is not None:
+            if not _tokenizer_fits(adapter.tokenizer, rows):
+                raise MergeError(
+                    f"{adapter.tokenizer.directory}: this tokenizer has {len(adapter.tokenizer)} tokens but a later "
+                    f"LoRA makes the vocabulary {rows}; put the tokenizer the last LoRA was trained with beside it"
+                )
             return adapter.tokenizer
     if (base.folder / SP_MODEL).is_file() or (base.folder / HF_JSON).is_file():
         tokenizer = TextTokenizer.load(base.folder)
