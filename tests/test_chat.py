@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from llama_sft.merge import merge
 from llama_sft.templates import load_template
 
 # 400 steps (llama-sft demo) reach most held-out answers; fewer keep the test short yet learn some.
-DEMO_STEPS = 300
+DEMO_STEPS = int(os.environ.get("LLAMA_SFT_DEMO_STEPS", "300"))
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
