@@ -230,10 +230,6 @@ class LowRank:
     # Linear: delta = B @ A (transposed for fan_in_fan_out); embedding: delta = (B @ A).T
     transpose: bool
 
-    def delta(self) -> torch.Tensor:
-        delta = self.b.float() @ self.a.float()
-        return (delta.T if self.transpose else delta) * self.scaling
-
     @property
     def shape(self) -> tuple[int, int]:
         rows, cols = self.b.shape[0], self.a.shape[1]
