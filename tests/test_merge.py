@@ -225,7 +225,9 @@ def test_adapter_tokenizer_mismatch_is_refused(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("problem", ["no_base", "no_weights", "not_lora", "no_adapter_file", "wrong_base"])
+@pytest.mark.parametrize(
+    "problem", ["no_base", "no_weights", "not_lora", "no_adapter_file", "wrong_base", "output_holds_base"]
+)
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, problem):
     base = tmp_path / "base"
     write_base(base)
@@ -239,13 +241,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys, problem):
         (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     elif problem == "no_adapter_file":
         (lora / "adapter_model.safetensors").unlink()
-    else:
+    elif problem == "wrong_base":
         other = tmp_path / "other"
         write_base(other, hidden=48)
         base = other
+    # The folder that holds both inputs: replacing it would delete them.
+    output = tmp_path if problem == "output_holds_base" else tmp_path / "o"
     err = run_cli(
-        ["merge", "--base_model", str(base), "--lora_model", str(lora), "--output_dir", str(tmp_path / "o")],
-        capsys,
+        ["merge", "--base_model", str(base), "--lora_model", str(lora), "--output_dir", str(output)], capsys
     )
     expected = {
         "no_base": "--base_model",
@@ -253,9 +256,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys, problem):
         "not_lora": "not a LoRA",
         "no_adapter_file": "adapter_model.safetensors",
         "wrong_base": "another base model",
+        "output_holds_base": "holds the input",
     }[problem]
     assert expected in err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and (tmp_path / "lora" / "adapter_config.json").is_file()
 
 
 def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):

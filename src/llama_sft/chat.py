@@ -321,9 +321,14 @@ def interactive(
             conversation.clear()
             write("(history cleared)\n")
             continue
-        answer = generate_ids(
-            model, tokenizer, conversation.prompt(instruction), settings, TextStream(tokenizer, write)
-        )
+        try:
+            answer = generate_ids(
+                model, tokenizer, conversation.prompt(instruction), settings, TextStream(tokenizer, write)
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C stops a long answer, not the chat; the cut answer stays out of the history.
+            write("\n(interrupted)\n")
+            continue
         write("\n")
         conversation.add(instruction, answer)
         answers += 1

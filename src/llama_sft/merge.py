@@ -666,8 +666,9 @@ def merge(
         raise MergeError("--lora_model is empty: give one LoRA folder or several separated by commas")
     out = Path(output_dir)
     for given in [base_model, *lora_models]:
-        if Path(given).resolve() == out.resolve():
-            raise MergeError(f"--output_dir {out} is an input folder; write the merged model somewhere else")
+        # The old --output_dir is deleted once the new one is complete: it must not hold an input.
+        if out.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
+            raise MergeError(f"--output_dir {out} holds the input {given}; write the merged model elsewhere")
     base = read_base_model(base_model)
     adapters = [read_adapter(folder, base) for folder in lora_models]
     shapes = plan_shapes(base, adapters)

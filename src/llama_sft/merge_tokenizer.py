@@ -136,6 +136,10 @@ def merge_tokenizers(
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(model_bytes)
     out = Path(output_dir)
+    for given in (llama_dir, Path(chinese_sp_model_file)):
+        # The old --output_dir is deleted once the new one is complete: it must not hold an input.
+        if out.resolve() in (given.resolve(), *given.resolve().parents):
+            raise TokenizerMergeError(f"--output_dir {out} holds the input {given}; choose another folder")
     with atomic_dir(out) as staging:
         (staging / SP_DIR).mkdir()
         (staging / SP_DIR / SP_NAME).write_bytes(model_bytes)
