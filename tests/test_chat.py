@@ -256,3 +256,40 @@ def test_demo_lora_answers_held_out_instruction(tmp_path):
     ]
     print(f"held-out exact match through chat: {len(correct)}/{len(held)}, e.g. {correct[:3]}")
     assert correct, predictions
+
+
+def test_lora_over_a_grown_vocabulary(tiny, tmp_path):
+    """A LoRA that saved embed_tokens/lm_head for a larger tokenizer loads over the smaller base."""
+    root, tokenizer = tiny
+    make_model(tmp_path / "small_base", len(tokenizer) - 5, hidden=32, layers=2, heads=4)
+    lora = write_lora(tmp_path / "small_base", tmp_path / "lora", vocab=len(tokenizer), targets=["q_proj"])
+    tokenizer.save(lora)
+    data = tmp_path / "q.txt"
+    data.write_text("Translate to Chinese: cat\n", encoding="utf-8")
+    out = tmp_path / "p.json"
+    argv = [
+        "--base_model",
+        str(tmp_path / "small_base"),
+        "--lora_model",
+        str(lora),
+        "--prompt_template",
+        "alpaca",
+    ]
+    chat_main(
+        [
+            *argv,
+            "--data_file",
+            str(data),
+            "--predictions_file",
+            str(out),
+            "--do_sample",
+            "false",
+            "--max_new_tokens",
+            "8",
+            "--repetition_penalty",
+            "1.0",
+        ]
+    )
+    reference = peft_reference(tmp_path / "small_base", [lora])
+    expected = greedy_answer(reference, tokenizer, load_template("alpaca"), "Translate to Chinese: cat", 8)
+    assert json.loads(out.read_text())[0]["output"] == expected
