@@ -617,12 +617,15 @@ def write_pth(
                     tensor = unpermute(tensor, heads)
                 elif name.endswith("attention.wk.weight"):
                     tensor = unpermute(tensor, kv_heads)
-                short = name.split(".")[-2]
-                if short in _META_SPLIT and shards > 1:
-                    tensor = tensor.chunk(shards, dim=_META_SPLIT[short])[part]
-                state[name] = tensor.clone()
-        if "output.weight" not in state:  # tied embeddings
-            state["output.weight"] = state["tok_embeddings.weight"].clone()
+                names = [name]
+                if key == EMBED_KEY and LM_HEAD_KEY not in base.shapes:
+                    names.append("output.weight")  # tied embeddings: Meta stores the head separately
+                for meta in names:
+                    short = meta.split(".")[-2]
+                    part_tensor = tensor
+                    if short in _META_SPLIT and shards > 1:
+                        part_tensor = tensor.chunk(shards, dim=_META_SPLIT[short])[part]
+                    state[meta] = part_tensor.clone()
         torch.save(state, out / f"consolidated.{part:02d}.pth")
         logger.info("wrote consolidated.%02d.pth (%d tensors)", part, len(state))
         del state
