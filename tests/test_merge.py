@@ -49,6 +49,9 @@ def test_one_lora_matches_peft(tmp_path, fmt, shards, vocab):
     assert merged.get_input_embeddings().weight.shape[0] == rows
     diff = (logits(merged, rows) - logits(reference, rows)).abs().max().item()
     assert diff < 1e-4, diff
+    # The LoRA is not a no-op: the merged model is not the base.
+    base_model = load_model(reference_base, rows)
+    assert (logits(merged, rows) - logits(base_model, rows)).abs().max().item() > 1e-2
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == shards
     assert (tmp_path / "out" / "generation_config.json").is_file()
