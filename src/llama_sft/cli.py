@@ -26,7 +26,31 @@ def cmd_demo(argv: list[str]) -> None:
         sys.exit("demo: accuracy did not improve")
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo}
+def cmd_merge(argv: list[str]) -> None:
+    from .merge import main
+
+    main(argv)
+
+
+def cmd_merge_tokenizer(argv: list[str]) -> None:
+    from .merge_tokenizer import main
+
+    main(argv)
+
+
+def cmd_chat(argv: list[str]) -> None:
+    from .chat import main
+
+    main(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "demo": cmd_demo,
+    "merge": cmd_merge,
+    "merge-tokenizer": cmd_merge_tokenizer,
+    "chat": cmd_chat,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,468 @@
+"""``llama-sft chat``: talk to a model, interactively or over a file of instructions.
+
+Contract: ``--base_model DIR [--lora_model DIR]`` (a base plus a LoRA, or a merged model alone).
+The prompt template defaults to the ``template.json`` saved with the LoRA (or copied into a merged
+model by ``llama-sft merge``), so prompts at inference match training; the tokenizer defaults to the
+LoRA's, then the model's. Prompts are encoded by ``TextTokenizer`` exactly as in training:
+``[BOS] + encode(template.render(instruction))``.
+
+* Interactive (no ``--data_file``): reads one instruction a line from stdin and streams the answer
+  to stdout as it is generated. With a multi-turn template (``llama2-chat``) earlier turns stay in
+  the prompt as ``[BOS] prompt answer [EOS] [BOS] [INST] next [/INST]``, the oldest dropped first when
+  the context is full. ``/clear`` forgets the history, ``/exit`` (or end of input) quits.
+* Batch: ``--data_file`` (one instruction a line, or an Alpaca JSON/JSONL file) ->
+  ``--predictions_file``: a JSON list with one ``{"instruction", "input" (when given), "output"}``
+  object per input, in input order, written only once complete.
+
+Generation stops at EOS or ``--max_new_tokens``; sampling uses the usual defaults (temperature 0.2,
+top_k 40, top_p 0.9, repetition_penalty 1.1); ``--do_sample false`` decodes greedily. A GPU is used
+when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from .tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "alpaca"
+
+
+class ChatError(ValueError):
+    """Bad chat input. The message names the file or flag and says what to do."""
+
+
+def str2bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "y"):
+        return True
+    if value in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 400
+    do_sample: bool = True
+    temperature: float = 0.2
+    top_k: int = 40
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        else:
+            # The model's generation_config may carry sampling values that greedy search would warn about.
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / SP_MODEL).is_file() or (folder / HF_JSON).is_file()
+
+
+def _adapter_rows(lora: Path) -> int | None:
+    """Embedding rows a LoRA was trained with, when it saved embed_tokens (a resized vocabulary)."""
+    weights = lora / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if name.endswith("embed_tokens.weight"):
+                    return handle.get_slice(name).get_shape()[0]
+        return None
+    state = torch.load(lora / "adapter_model.bin", map_location="cpu", weights_only=True, mmap=True)
+    return next((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), None)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(
+    base_model: str | Path, lora_model: str | Path | None, device: torch.device, dtype: str = "auto"
+):
+    from transformers import AutoModelForCausalLM
+
+    base = Path(base_model)
+    if not (base / "config.json").is_file():
+        raise ChatError(f"{base}: no config.json; --base_model must be a Hugging Face model folder")
+    if dtype == "auto":
+        # float16 matrix products are very slow on a CPU; on a GPU half precision halves memory.
+        torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype)
+    except OSError as exc:
+        raise ChatError(f"{base}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if lora_model is not None:
+        from peft import PeftModel
+
+        lora = Path(lora_model)
+        config = lora / "adapter_config.json"
+        if not config.is_file():
+            raise ChatError(
+                f"{config}: missing; --lora_model must be a folder saved by PEFT (sft_lora_model)"
+            )
+        if not any((lora / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise ChatError(f"{lora}: no adapter_model.safetensors or adapter_model.bin in --lora_model")
+        rows = _adapter_rows(lora)
+        if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+            # The saved embed_tokens/lm_head replace these rows, so how they are initialised is moot.
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        try:
+            model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+        except (RuntimeError, ValueError) as exc:
+            raise ChatError(
+                f"{lora}: the LoRA does not fit {base} ({str(exc).splitlines()[0]}); was it trained on another base?"
+            ) from None
+    return model.to(device).eval()
+
+
+def resolve_tokenizer(tokenizer_path: str | None, lora_model: str | None, base_model: str) -> TextTokenizer:
+    if tokenizer_path is not None:
+        return TextTokenizer.load(tokenizer_path)
+    for folder in (lora_model, base_model):
+        if folder is not None and _has_tokenizer(Path(folder)):
+            return TextTokenizer.load(folder)
+    raise ChatError(
+        f"no tokenizer in {lora_model or base_model}: pass --tokenizer_path (the folder with tokenizer.model)"
+    )
+
+
+def resolve_template(name: str | None, lora_model: str | None, base_model: str) -> Template:
+    if name is not None:
+        return load_template(name)
+    for folder in (lora_model, base_model):
+        if folder is not None and (Path(folder) / TEMPLATE_FILE).is_file():
+            return load_template(Path(folder))
+    logger.warning(
+        "no %s beside the model; using the %r template (--prompt_template)", TEMPLATE_FILE, DEFAULT_TEMPLATE
+    )
+    return load_template(DEFAULT_TEMPLATE)
+
+
+def check_vocab(tokenizer: TextTokenizer, model) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    # A virtual <pad> (added when the tokenizer has none) never reaches the model in a prompt.
+    usable = len(tokenizer) - (1 if tokenizer.added_pad else 0)
+    if usable > rows:
+        raise ChatError(
+            f"{tokenizer.directory}: the tokenizer has {usable} tokens but the model has {rows} embedding rows; "
+            "pass the tokenizer the model was trained with (--tokenizer_path)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+class TextStream:
+    """A ``generate`` streamer that writes each new piece of decoded text as soon as it is complete."""
+
+    def __init__(self, tokenizer: TextTokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True  # generate() first passes the prompt itself
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        # A character split over byte-fallback tokens decodes as U+FFFD until its last byte arrives.
+        if text.endswith("\ufffd"):
+            return
+        self._show(text)
+
+    def end(self) -> None:
+        self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):
+            self.write(text[len(self.shown) :])
+        self.shown = text
+
+
+@torch.no_grad()
+def generate_ids(
+    model, tokenizer: TextTokenizer, prompt: list[int], settings: GenerationSettings, streamer=None
+) -> list[int]:
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt], device=device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        streamer=streamer,
+        **settings.generate_kwargs(),
+    )
+    answer = output[0, len(prompt) :].tolist()
+    return answer[: answer.index(tokenizer.eos_id)] if tokenizer.eos_id in answer else answer
+
+
+class Conversation:
+    """The token ids of a chat so far; the oldest turns go first when the context is full."""
+
+    def __init__(self, template: Template, tokenizer: TextTokenizer, max_prompt_tokens: int):
+        self.template, self.tokenizer = template, tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.turns: list[tuple[str, list[int]]] = []
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.template.followup_prompt is not None
+
+    def _turn_ids(self, position: int, instruction: str) -> list[int]:
+        # The first kept turn carries the full prompt (system prompt included), later ones the short form.
+        text = (
+            self.template.render(instruction) if position == 0 else self.template.render_followup(instruction)
+        )
+        return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+
+    def prompt(self, instruction: str) -> list[int]:
+        history = self.turns if self.multi_turn else []
+        for start in range(len(history) + 1):
+            kept = history[start:]
+            ids = []
+            for position, (previous, answer) in enumerate(kept):
+                ids += self._turn_ids(position, previous) + answer + [self.tokenizer.eos_id]
+            ids += self._turn_ids(len(kept), instruction)
+            if len(ids) <= self.max_prompt_tokens:
+                if start:
+                    logger.info("dropped the %d oldest turn(s) to fit the context", start)
+                return ids
+        logger.warning(
+            "the instruction takes %d tokens, more than the %d the context leaves; its beginning is cut",
+            len(ids),
+            self.max_prompt_tokens,
+        )
+        return [self.tokenizer.bos_id] + ids[len(ids) - self.max_prompt_tokens + 1 :]
+
+    def add(self, instruction: str, answer: list[int]) -> None:
+        if self.multi_turn:
+            self.turns.append((instruction, answer))
+
+    def clear(self) -> None:
+        self.turns.clear()
+
+
+def context_budget(model, settings: GenerationSettings, max_context: int | None) -> int:
+    context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+    if settings.max_new_tokens >= context:
+        raise ChatError(
+            f"--max_new_tokens {settings.max_new_tokens} leaves no room in a {context}-token context"
+        )
+    return context - settings.max_new_tokens
+
+
+def interactive(
+    model,
+    tokenizer: TextTokenizer,
+    template: Template,
+    settings: GenerationSettings,
+    max_prompt_tokens: int,
+    stdin: TextIO,
+    stdout: TextIO,
+) -> int:
+    """Chat over ``stdin``/``stdout``; returns the number of answers given."""
+    conversation = Conversation(template, tokenizer, max_prompt_tokens)
+    mode = "multi-turn" if conversation.multi_turn else "single-turn (the template has no multi-turn format)"
+    stdout.write(f"template {template.name}, {mode}. /clear forgets the history, /exit quits.\n")
+
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    answers = 0
+    while True:
+        write(">>> ")
+        line = stdin.readline()
+        if not line:
+            write("\n")
+            break
+        instruction = line.strip()
+        if not instruction:
+            continue
+        if instruction in ("/exit", "/quit"):
+            break
+        if instruction == "/clear":
+            conversation.clear()
+            write("(history cleared)\n")
+            continue
+        try:
+            answer = generate_ids(
+                model, tokenizer, conversation.prompt(instruction), settings, TextStream(tokenizer, write)
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C stops a long answer, not the chat; the cut answer stays out of the history.
+            write("\n(interrupted)\n")
+            continue
+        write("\n")
+        conversation.add(instruction, answer)
+        answers += 1
+    return answers
+
+
+def read_instructions(path: str | Path) -> list[dict]:
+    """``[{"instruction": ..., "input": ...}]`` from an Alpaca JSON/JSONL file or a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatError(f"{path}: --data_file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix not in (".json", ".jsonl"):
+        return [{"instruction": line.strip(), "input": ""} for line in text.splitlines() if line.strip()]
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ChatError(
+            f"{path}: not valid JSON ({exc}); give an Alpaca file or one instruction a line (.txt)"
+        ) from None
+    if not isinstance(rows, list):
+        raise ChatError(f"{path}: expected a JSON list of objects with an 'instruction'")
+    items = []
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ChatError(f"{path}: record {number} has no string 'instruction'")
+        items.append({"instruction": row["instruction"], "input": row.get("input") or ""})
+    return items
+
+
+def predict_file(
+    model,
+    tokenizer: TextTokenizer,
+    template: Template,
+    settings: GenerationSettings,
+    max_prompt_tokens: int,
+    data_file: str | Path,
+    predictions_file: str | Path,
+) -> list[dict]:
+    items = read_instructions(data_file)
+    target = Path(predictions_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    predictions = []
+    for number, item in enumerate(items, 1):
+        text = f"{item['instruction']}\n{item['input']}" if item["input"] else item["instruction"]
+        # Each instruction is a fresh single-turn prompt, as in training.
+        prompt = Conversation(template, tokenizer, max_prompt_tokens).prompt(text)
+        answer = tokenizer.decode(generate_ids(model, tokenizer, prompt, settings)).strip()
+        entry = {"instruction": item["instruction"]}
+        if item["input"]:
+            entry["input"] = item["input"]
+        entry["output"] = answer
+        predictions.append(entry)
+        logger.info("%d/%d: %r -> %r", number, len(items), item["instruction"][:60], answer[:60])
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(predictions, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-sft chat", description="Chat with a model (base + LoRA, or merged), or answer a file."
+    )
+    add = parser.add_argument
+    add("--base_model", required=True, help="Hugging Face model folder: the base, or a merged model.")
+    add("--lora_model", default=None, help="LoRA folder (sft_lora_model) to apply to --base_model.")
+    add("--tokenizer_path", default=None, help="Tokenizer folder. Default: the LoRA's, then the model's.")
+    add(
+        "--prompt_template",
+        default=None,
+        help="Template name or JSON file. Default: template.json saved with the LoRA/model, else alpaca.",
+    )
+    add("--system_prompt", default=None, help="Replace the template's system prompt (llama2-chat).")
+    add("--data_file", default=None, help="Batch mode: one instruction a line, or an Alpaca JSON/JSONL file.")
+    add("--predictions_file", default="predictions.json", help="Batch mode: where the JSON answers go.")
+    add("--max_new_tokens", type=int, default=400, help="Most tokens generated per answer.")
+    add("--do_sample", type=str2bool, default=True, help="true: sample (default); false: greedy decoding.")
+    add("--temperature", type=float, default=0.2, help="Sampling temperature.")
+    add("--top_k", type=int, default=40, help="Sample from the k most likely tokens.")
+    add("--top_p", type=float, default=0.9, help="Sample from the smallest set with this probability mass.")
+    add("--repetition_penalty", type=float, default=1.1, help="Above 1 discourages repeating tokens.")
+    add("--max_context", type=int, default=None, help="Context length in tokens. Default: the model's.")
+    add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
+    add(
+        "--torch_dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Weights dtype. auto: float16 on a GPU, float32 on a CPU.",
+    )
+    add("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
+    return parser
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    try:
+        if not Path(args.base_model).is_dir():
+            raise ChatError(f"{args.base_model}: --base_model is not a folder")
+        if args.lora_model is not None and not Path(args.lora_model).is_dir():
+            raise ChatError(f"{args.lora_model}: --lora_model is not a folder")
+        tokenizer = resolve_tokenizer(args.tokenizer_path, args.lora_model, args.base_model)
+        template = resolve_template(args.prompt_template, args.lora_model, args.base_model)
+        if args.system_prompt is not None:
+            template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        model = load_model(args.base_model, args.lora_model, pick_device(args.device), args.torch_dtype)
+        check_vocab(tokenizer, model)
+        budget = context_budget(model, settings, args.max_context)
+        if args.data_file is not None:
+            predictions = predict_file(
+                model, tokenizer, template, settings, budget, args.data_file, args.predictions_file
+            )
+            print(f"{len(predictions)} answers written to {args.predictions_file}")
+        else:
+            interactive(
+                model, tokenizer, template, settings, budget, stdin or sys.stdin, stdout or sys.stdout
+            )
+    except (ChatError, TemplateError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
