@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from llama_sft.merge import merge
 from llama_sft.templates import load_template
 
 # 400 steps (llama-sft demo) reach most held-out answers; fewer keep the test short yet learn some.
-DEMO_STEPS = int(os.environ.get("LLAMA_SFT_DEMO_STEPS", "300"))
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -222,40 +220,6 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path, capsys, problem):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and expected in err[-1], err
     assert not (tmp_path / "p.json").exists()
-
-
-@pytest.mark.slow
-def test_demo_lora_answers_held_out_instruction(tmp_path):
-    """The demo's training run, shortened, gives a LoRA that answers held-out instructions via chat."""
-    from llama_sft.demo import build_demo, demo_train_argv
-    from llama_sft.train import train
-
-    root = tmp_path / "demo"
-    _, held = build_demo(root)
-    # The demo's own command (its --fp16 becomes bfloat16 autocast or float32 on a CPU), shortened.
-    argv = demo_train_argv(root, DEMO_STEPS)
-    argv[argv.index("--eval_steps") + 1] = str(DEMO_STEPS)
-    lora = train(argv)
-    data = tmp_path / "held_out.json"
-    data.write_text(
-        json.dumps([{"instruction": r.instruction, "input": r.input} for r in held], ensure_ascii=False)
-    )
-    out = tmp_path / "predictions.json"
-    cli_main(
-        [
-            "chat", "--base_model", str(root / "base_model"), "--lora_model", str(lora),
-            "--data_file", str(data), "--predictions_file", str(out),
-            "--do_sample", "false", "--max_new_tokens", "16",
-        ]
-    )  # fmt: skip
-    predictions = json.loads(out.read_text(encoding="utf-8"))
-    correct = [
-        (p["instruction"], p["output"])
-        for p, r in zip(predictions, held, strict=True)
-        if p["output"] == r.output
-    ]
-    print(f"held-out exact match through chat: {len(correct)}/{len(held)}, e.g. {correct[:3]}")
-    assert correct, predictions
 
 
 def test_lora_over_a_grown_vocabulary(tiny, tmp_path):
