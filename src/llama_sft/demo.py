@@ -132,9 +132,10 @@ def greedy_answer(
     model, tokenizer: TextTokenizer, template: Template, instruction: str, max_new_tokens: int = 16
 ) -> str:
     ids = [tokenizer.bos_id] + tokenizer.encode(template.render(instruction))
+    device = next(model.parameters()).device
     output = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        input_ids=torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=tokenizer.eos_id,

@@ -1,0 +1,57 @@
+"""GPU smoke check of the documented command: the demo's data, tokenizer and model, trained under
+torchrun with --fp16 --torch_dtype float16 --gradient_checkpointing (what run_sft.sh passes), then the
+held-out exact match through PEFT. Prints one JSON line; writes it to $OUT/gpu_smoke.json if OUT is set.
+
+    python bench/gpu_smoke.py [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from llama_sft.demo import build_demo, demo_train_argv, exact_match
+from llama_sft.templates import load_template
+from llama_sft.tokenizer import TextTokenizer
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--steps", type=int, default=300)
+parser.add_argument("--root", default="/tmp/llama-sft-gpu-smoke")
+args = parser.parse_args()
+
+root = Path(args.root)
+_, held = build_demo(root)
+argv = demo_train_argv(root, args.steps) + ["--gradient_checkpointing", "--disable_tqdm", "True"]
+script = Path(__file__).resolve().parents[1] / "scripts" / "training" / "run_clm_sft_with_peft.py"
+start = time.time()
+run = subprocess.run(
+    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(script), *argv]
+)
+seconds = time.time() - start
+result = {
+    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    "exit_code": run.returncode,
+}
+if run.returncode == 0:
+    tokenizer = TextTokenizer.load(root / "tokenizer")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base_model"))
+    tuned = PeftModel.from_pretrained(base, str(root / "output" / "sft_lora_model")).to(device).eval()
+    after, answers = exact_match(tuned, tokenizer, load_template("alpaca"), held)
+    state = json.loads((root / "output" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    result.update(steps=args.steps, train_seconds=round(seconds, 1), exact_match_after=after,
+                  first_loss=losses[0], last_loss=losses[-1], sample=answers[:3])  # fmt: skip
+print(json.dumps(result, ensure_ascii=False))
+if os.environ.get("OUT"):
+    Path(os.environ["OUT"], "gpu_smoke.json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
+sys.exit(run.returncode)
