@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .args import ArgumentError, TrainArgs, parse_train_args
@@ -35,10 +35,12 @@ from .model import (
     load_base_model,
     read_adapter_config,
 )
+from .packing import PackingCollator
 from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
 from .tokenizer import TextTokenizer, TokenizerError
+from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
 
@@ -221,7 +223,7 @@ def setup_logging(args: TrainArgs) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
-def train(argv: list[str] | None = None) -> Path:
+def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
@@ -305,13 +307,17 @@ def train(argv: list[str] | None = None) -> Path:
         **args.to_dict(),
         "data_stats": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
     }
-    trainer = Trainer(
+    trainer = SftTrainer(
         model=model,
         args=training,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(tokenizer.pad_id),
-        callbacks=[LoraFolderCallback(tokenizer, template, run_args, training.save_safetensors)],
+        data_collator=PackingCollator() if args.data.packing else Collator(tokenizer.pad_id),
+        callbacks=[
+            LoraFolderCallback(tokenizer, template, run_args, training.save_safetensors),
+            *(callbacks or []),
+        ],
+        max_tokens_per_pass=training.max_tokens_per_pass,
     )
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
