@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .args import ArgumentError, TrainArgs, parse_train_args
 from .collate import Collator
-from .encode import EncodeStats, check_template_fits, encode_cached
+from .encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from .model import (
     ModelError,
     attach_lora,
@@ -36,6 +36,7 @@ from .model import (
     read_adapter_config,
 )
 from .packing import PackingCollator
+from .planner import dry_run_report
 from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
@@ -223,7 +224,7 @@ def setup_logging(args: TrainArgs) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
-def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
+def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path | None:
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
@@ -242,7 +243,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     if args.data.system_prompt is not None:
         template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
     train_files, train_records, eval_files, eval_records = load_data(args, tokenizer, template)
-    check_model_dir(args.model.model_name_or_path)
+    check_model_dir(args.model.model_name_or_path, need_weights=not training.dry_run)
     check_vocab(args.model.model_name_or_path, len(tokenizer), args.model.tokenizer_name_or_path)
     if args.lora.peft_path:
         read_adapter_config(args.lora.peft_path)
@@ -290,6 +291,10 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         logger.info(eval_stats.report("eval data", max_len))
     if training.do_train and len(train_set) == 0:
         raise DataError(f"every training record's prompt fills --max_seq_length {max_len}; raise it")
+    if training.dry_run:
+        labelled = int((train_set.labels != IGNORE_INDEX).sum())
+        print(dry_run_report(args, len(tokenizer), train_set.lengths(), labelled))
+        return None
 
     # 4. Model and LoRA.
     model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))

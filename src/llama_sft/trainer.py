@@ -24,7 +24,7 @@ from transformers import Trainer
 from .encode import IGNORE_INDEX
 from .packing import split_packed
 
-CE_CHUNK_ROWS = 1024
+CE_CHUNK_ROWS = 128
 
 
 class LabelledCrossEntropy(torch.autograd.Function):
