@@ -83,15 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_workload(args: argparse.Namespace, scratch: Path) -> dict:
-    from llama_sft.demo import build_demo, make_model, write_alpaca
+    from llama_sft.demo import make_model, write_alpaca
     from llama_sft.records import load_records
     from llama_sft.tokenizer import TextTokenizer
 
     if Path(args.data).is_file() and Path(args.tokenizer).is_dir():
         records, tokenizer_dir, source = load_records(args.data), Path(args.tokenizer), "shared"
     else:
-        train, held = build_demo(scratch / "demo")
-        records, tokenizer_dir, source = (train + held) * 8, scratch / "demo" / "tokenizer", "demo"
+        records, tokenizer_dir, source = (
+            generated_records(scratch / "demo"),
+            scratch / "demo" / "tokenizer",
+            "demo",
+        )
     train = records[: args.train_records]
     held = records[args.train_records : args.train_records + args.eval_records]
     write_alpaca(train, scratch / "train.json")
@@ -120,6 +123,24 @@ def prepare_workload(args: argparse.Namespace, scratch: Path) -> dict:
         "train_records": len(train),
         "eval_records": len(held),
     }
+
+
+def generated_records(folder: Path, count: int = 1000) -> list:
+    """Without the shared data: the demo's tokenizer and vocabulary, in records as long as real
+    Alpaca ones (instructions of 5-40 words, responses of 10-300)."""
+    import random
+
+    from llama_sft.demo import WORDS, build_demo
+    from llama_sft.records import Record
+
+    train, held = build_demo(folder)
+    rng, words = random.Random(0), [w for pair in WORDS.items() for w in pair]
+    records = []
+    for i in range(count):
+        seed = (train + held)[i % len(train + held)]
+        instruction = seed.instruction + " " + " ".join(rng.choices(words, k=rng.randint(5, 40)))
+        records.append(Record(instruction, "", " ".join(rng.choices(words, k=rng.randint(10, 300)))))
+    return records
 
 
 def lora_config():
@@ -151,9 +172,15 @@ def trainer_settings(w: dict, batch: int, accum: int, output_dir: str) -> dict:
         "logging_steps": 10,
         "save_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
+        "use_cpu": not on_gpu(),
         "disable_tqdm": True,
     }
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +189,7 @@ def trainer_settings(w: dict, batch: int, accum: int, output_dir: str) -> dict:
 
 
 def make_meter():
+    import torch
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
@@ -196,6 +224,7 @@ def make_meter():
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.start
             self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
 
         def result(self) -> dict:
             return {
@@ -205,6 +234,7 @@ def make_meter():
                 "tokens_per_s": round(self.tokens / self.seconds, 1),
                 "padding_share": round(1 - self.tokens / max(1, self.positions), 4),
                 "peak_rss_mb": round(self.peak_rss_mb),
+                "peak_gpu_mb": round(self.peak_gpu_mb) if self.peak_gpu_mb else None,
             }
 
     return Meter()
@@ -227,8 +257,8 @@ def eval_loss(model, w: dict) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(data)):
-            ids = torch.tensor([data[i]["input_ids"]])
-            labels = torch.tensor(data[i]["labels"][1:])
+            ids = torch.tensor([data[i]["input_ids"]], device=model.device)
+            labels = torch.tensor(data[i]["labels"][1:], device=model.device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             total += float(
                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
@@ -282,11 +312,15 @@ def run_original(w: dict, batch: int, accum: int) -> dict:
     from peft import get_peft_model
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
+    # On a CPU the original runs in float32 (its float16 is unusable there); on a GPU, as
+    # documented, in half precision: bfloat16 weights and autocast.
+    dtype = "bfloat16" if on_gpu() else "float32"
     examples, pad_id = original_dataset(w)
-    model = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(w["model"], dtype=getattr(torch, dtype))
     model = get_peft_model(model, lora_config())
     meter = make_meter()
     settings = trainer_settings(w, batch, accum, os.path.join(w["scratch"], "out-original"))
+    settings["bf16"] = on_gpu()
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**settings),
@@ -371,7 +405,7 @@ def run_llama_sft(w: dict, dtype: str) -> dict:
         "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
         "--trainable", ",".join(PROJECTIONS),
         "--modules_to_save", "embed_tokens,lm_head",
-        "--torch_dtype", "float32",
+        "--torch_dtype", dtype,
         "--overwrite_output_dir",
         "--bf16", str(dtype == "bfloat16"),
         "--log_level", "warning",
@@ -382,7 +416,7 @@ def run_llama_sft(w: dict, dtype: str) -> dict:
     lora_dir = train(argv, callbacks=[meter])
     result = meter.result()
     base = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(lora_dir))
+    model = PeftModel.from_pretrained(base, str(lora_dir)).to("cuda" if on_gpu() else "cpu")
     return {**result, "eval_loss": eval_loss(model, w), "dtype": dtype, "settings": settings}
 
 
@@ -419,8 +453,9 @@ def gemm_rate(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
     """Best of three timings of a square matrix product, in GFLOP/s."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    dtype, device = getattr(torch, dtype_name), "cuda" if on_gpu() else "cpu"
+    size = 8192 if device == "cuda" else size
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     for _ in range(3):
         a @ b
     best = 0.0
@@ -429,6 +464,8 @@ def gemm_rate(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
         while time.perf_counter() - start < seconds / 3:
             a @ b
             count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -508,15 +545,18 @@ def add_flops(results: list[dict], w: dict, rates: dict) -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    head = f"{'run':<22}{'tokens/s':>10}{'padding':>9}{'peak RSS':>10}{'eval loss':>11}{'MFU':>7}  dtype"
+    gpu = any(r.get("peak_gpu_mb") for r in results)
+    head = f"{'run':<22}{'tokens/s':>10}{'padding':>9}{'peak RSS':>10}{'peak GPU' if gpu else '':>10}"
+    head += f"{'eval loss':>11}{'MFU':>7}  dtype"
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         if "error" in r:
             print(f"{r['name']:<22}  failed: {r['error']}")
             continue
+        gpu_mem = f"{r['peak_gpu_mb'] / 1024:>8.2f}GB" if gpu else f"{'':>10}"
         print(
             f"{r['name']:<22}{r['tokens_per_s']:>10.0f}{r['padding_share']:>9.1%}{r['peak_rss_mb'] / 1024:>8.2f}GB"
-            f"{r['eval_loss']:>11.4f}{r['mfu']:>7.1%}  {r['dtype']}"
+            f"{gpu_mem}{r['eval_loss']:>11.4f}{r['mfu']:>7.1%}  {r['dtype']}"
         )
 
 

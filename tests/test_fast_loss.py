@@ -64,7 +64,9 @@ def test_loss_equals_model_loss_on_padded_and_packed_batches(folder):
 def trainer_for(model, tmp_path, **kwargs):
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4
+    )
     return SftTrainer(model=model, args=args, **kwargs)
 
 

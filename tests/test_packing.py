@@ -28,7 +28,9 @@ def model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("model")
     make_model(folder, VOCAB, hidden=64, layers=2, heads=4)
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def test_collator_packs_without_padding():
@@ -57,12 +59,16 @@ def test_per_record_loss_equals_record_alone(model, attn):
     records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=1)
     batch = PackingCollator()(records)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         start = 0
         for record in records:
             n = len(record["input_ids"])
             alone_batch = Collator(0)([record])
-            alone = model(**{k: v for k, v in alone_batch.items() if k != "labels"}, use_cache=False).logits[0]
+            alone = model(**{k: v for k, v in alone_batch.items() if k != "labels"}, use_cache=False).logits[
+                0
+            ]
             assert torch.allclose(logits[start : start + n], alone, atol=1e-5, rtol=0)
             labels = torch.tensor(record["labels"][1:])
             if (labels != -100).any():

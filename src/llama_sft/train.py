@@ -74,8 +74,17 @@ def plan_cpu_precision(args: TrainArgs) -> list[str]:
         logger.warning("--bf16 with DeepSpeed on a CPU is not supported; training runs in float32")
         extra += ["--bf16", "False"]
     if args.model.torch_dtype == "float16":
-        logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
-        extra += ["--torch_dtype", "float32"]
+        bf16_autocast = (args.training.fp16 or args.training.bf16) and not args.training.deepspeed
+        if bf16_autocast and cpu_supports_bf16():
+            # Autocast multiplies in bfloat16 anyway; frozen bfloat16 weights skip that cast every step
+            # and halve their memory. Trainable weights stay float32 (model.attach_lora).
+            logger.warning(
+                "--torch_dtype float16: no GPU here; loading the frozen weights in bfloat16 instead"
+            )
+            extra += ["--torch_dtype", "bfloat16"]
+        else:
+            logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
+            extra += ["--torch_dtype", "float32"]
     return extra
 
 
