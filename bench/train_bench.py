@@ -194,16 +194,17 @@ def make_meter():
 
     class Meter(TrainerCallback):
         def __init__(self):
-            self.tokens = self.positions = 0
+            self.batches = []  # (tokens, positions) of every collated batch, in order
             self.seconds = self.peak_rss_mb = 0.0
 
         def count(self, batch: dict) -> None:
             ids = batch["input_ids"]
             mask = batch.get("attention_mask")
-            self.positions += ids.numel()
-            self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+            self.batches.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
 
         def on_train_begin(self, args, state, control, **kwargs):
+            # The data loader collates one batch ahead; only the first steps x GA batches are trained.
+            self.trained_batches = args.max_steps * args.gradient_accumulation_steps
             self.start = time.perf_counter()
 
         def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
@@ -227,12 +228,14 @@ def make_meter():
             self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
 
         def result(self) -> dict:
+            trained = self.batches[: self.trained_batches]
+            tokens, positions = sum(t for t, _ in trained), sum(p for _, p in trained)
             return {
-                "tokens": self.tokens,
-                "positions": self.positions,
+                "tokens": tokens,
+                "positions": positions,
                 "train_seconds": round(self.seconds, 2),
-                "tokens_per_s": round(self.tokens / self.seconds, 1),
-                "padding_share": round(1 - self.tokens / max(1, self.positions), 4),
+                "tokens_per_s": round(tokens / self.seconds, 1),
+                "padding_share": round(1 - tokens / max(1, positions), 4),
                 "peak_rss_mb": round(self.peak_rss_mb),
                 "peak_gpu_mb": round(self.peak_gpu_mb) if self.peak_gpu_mb else None,
             }
@@ -535,11 +538,12 @@ def add_flops(results: list[dict], w: dict, rates: dict) -> None:
     for run in results:
         if "error" in run:
             continue
-        rate = rates[run["dtype"]]
+        rate = run["gemm_gflops"]
         # llama-sft computes the lm_head only where the next label is kept: fewer FLOPs executed.
         head_share = stats["labelled_share"] if run["name"].startswith("llama-sft") else 1.0
         executed = flops["body"] + flops["lm_head"] * head_share
         run["gemm_gflops"] = round(rate, 1)
+        run["gemm_gflops_at_start"] = round(rates[run["dtype"]], 1)
         run["mfu"] = round(run["tokens_per_s"] * flops["total"] / (rate * 1e9), 4)
         run["mfu_executed"] = round(run["tokens_per_s"] * executed / (rate * 1e9), 4)
 
@@ -590,6 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         w = json.loads(Path(args.workload).read_text())
         result = run_contender(args.child, w, args)
+        # Measured in the child right after training, under the same load as the run it divides.
+        result["gemm_gflops"] = gemm_rate(result["dtype"])
         Path(args.workload).with_name(f"result-{args.child}.json").write_text(json.dumps(result))
         return
     names = [n for n in args.runs.split(",") if n]
