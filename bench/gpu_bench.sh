@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 
 $PY - <<'PYEOF'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "transformers", "peft", "sentencepiece", "matplotlib") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_bench: missing Python packages {missing}; this script installs nothing")
