@@ -389,7 +389,7 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
 # rows, loss on labelled positions only, bfloat16 autocast where the CPU has it.
 
 
-def run_llama_sft(w: dict, dtype: str) -> dict:
+def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -> dict:
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -413,6 +413,9 @@ def run_llama_sft(w: dict, dtype: str) -> dict:
         "--bf16", str(dtype == "bfloat16"),
         "--log_level", "warning",
     ]  # fmt: skip
+    if max_tokens_per_pass:
+        argv += ["--max_tokens_per_pass", str(max_tokens_per_pass)]
+        settings["max_tokens_per_pass"] = max_tokens_per_pass
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
     meter = make_meter()
@@ -436,6 +439,9 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
         return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"))
     if name == "llama-sft-fp32":
         return run_llama_sft(w, "float32")
+    if name.startswith("llama-sft-budget"):  # e.g. llama-sft-budget512: --max_tokens_per_pass 512
+        budget = int(name.removeprefix("llama-sft-budget"))
+        return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), budget)
     raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + tuple(TRL_SETTINGS))}")
 
 
