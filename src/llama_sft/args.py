@@ -84,6 +84,14 @@ class DataArguments:
         default=None,
         metadata={"help": "System prompt for templates that have one (default: the template's)."},
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack the records of each micro-batch (--per_device_train_batch_size) into one row without "
+            "padding; position ids restart per record and no record attends to another. False: right-pad each "
+            "micro-batch to its longest record, as the original scripts did."
+        },
+    )
 
 
 @dataclass
@@ -137,6 +145,21 @@ class SftTrainingArguments(TrainingArguments):
             "help": "What a NaN/inf loss does: stop (with a message naming the step; the last good checkpoint "
             "is kept) or skip (drop that batch's update and go on).",
             "choices": ["stop", "skip"],
+        },
+    )
+    max_tokens_per_pass: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of one forward/backward pass: a packed micro-batch longer than this is trained "
+            "in pieces of whole records within the same optimizer step (bounds activation memory; the records "
+            "of each step are unchanged). Default: the whole micro-batch in one pass."
+        },
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the model on the meta device (no weights loaded), print the parameter counts, the data "
+            "statistics and the estimated peak memory per device, then exit."
         },
     )
     debug_errors: bool = field(

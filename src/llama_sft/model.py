@@ -32,7 +32,7 @@ class ModelError(ValueError):
     """A bad model, adapter or LoRA setting. The message names the path or flag and what to do."""
 
 
-def check_model_dir(path: str) -> None:
+def check_model_dir(path: str, need_weights: bool = True) -> None:
     folder = Path(path)
     if not folder.is_dir():
         raise ModelError(
@@ -40,7 +40,7 @@ def check_model_dir(path: str) -> None:
         )
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: no config.json; is this a Hugging Face model folder?")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if need_weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(
             f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index); "
             "convert the checkpoint to Hugging Face format first"

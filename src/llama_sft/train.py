@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import Trainer
+from transformers import TrainerCallback
 
 from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
 from .checkpoints import (
@@ -33,7 +33,7 @@ from .checkpoints import (
     set_aside_old_checkpoints,
 )
 from .collate import Collator
-from .encode import EncodeStats, check_template_fits, encode_cached
+from .encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from .model import (
     ModelError,
     attach_lora,
@@ -43,10 +43,13 @@ from .model import (
     load_base_model,
     read_adapter_config,
 )
+from .packing import PackingCollator
+from .planner import dry_run_report
 from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
 from .tokenizer import TextTokenizer, TokenizerError
+from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
 
@@ -79,8 +82,17 @@ def plan_cpu_precision(args: TrainArgs) -> list[str]:
         logger.warning("--bf16 with DeepSpeed on a CPU is not supported; training runs in float32")
         extra += ["--bf16", "False"]
     if args.model.torch_dtype == "float16":
-        logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
-        extra += ["--torch_dtype", "float32"]
+        bf16_autocast = (args.training.fp16 or args.training.bf16) and not args.training.deepspeed
+        if bf16_autocast and cpu_supports_bf16():
+            # Autocast multiplies in bfloat16 anyway; frozen bfloat16 weights skip that cast every step
+            # and halve their memory. Trainable weights stay float32 (model.attach_lora).
+            logger.warning(
+                "--torch_dtype float16: no GPU here; loading the frozen weights in bfloat16 instead"
+            )
+            extra += ["--torch_dtype", "bfloat16"]
+        else:
+            logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
+            extra += ["--torch_dtype", "float32"]
     return extra
 
 
@@ -241,8 +253,8 @@ def setup_logging(args: TrainArgs) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
-def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
-    """Run one training; returns the sft_lora_model folder. ``callbacks`` are extra TrainerCallbacks."""
+def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path | None:
+    """Run one training; returns the sft_lora_model folder (None for --dry_run)."""
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
@@ -261,7 +273,7 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     if args.data.system_prompt is not None:
         template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
     train_files, train_records, eval_files, eval_records = load_data(args, tokenizer, template)
-    check_model_dir(args.model.model_name_or_path)
+    check_model_dir(args.model.model_name_or_path, need_weights=not training.dry_run)
     check_vocab(args.model.model_name_or_path, len(tokenizer), args.model.tokenizer_name_or_path)
     if args.lora.peft_path:
         read_adapter_config(args.lora.peft_path)
@@ -309,6 +321,10 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
         logger.info(eval_stats.report("eval data", max_len))
     if training.do_train and len(train_set) == 0:
         raise DataError(f"every training record's prompt fills --max_seq_length {max_len}; raise it")
+    if training.dry_run:
+        labelled = int((train_set.labels != IGNORE_INDEX).sum())
+        print(dry_run_report(args, len(tokenizer), train_set.lengths(), labelled))
+        return None
 
     # 4. Model and LoRA. Seeded first: the LoRA A matrices are drawn from the global RNG.
     transformers.set_seed(training.seed)
@@ -333,18 +349,19 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> Path:
     # checkpoint being resumed from.
     keep, training.save_total_limit = training.save_total_limit, None
     stop = StopCallback()
-    trainer = Trainer(
+    trainer = SftTrainer(
         model=model,
         args=training,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(tokenizer.pad_id),
+        data_collator=PackingCollator() if args.data.packing else Collator(tokenizer.pad_id),
         callbacks=[
             *(callbacks or []),
             CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
             stop,
             FiniteGradCallback(training.nan_policy),
         ],
+        max_tokens_per_pass=training.max_tokens_per_pass,
     )
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)

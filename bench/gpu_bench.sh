@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU, one prepared run (< 8 minutes): a ~1B-parameter LLaMA with random weights, bfloat16,
+# max_seq_length 1024, the original pipeline (HF Trainer + PEFT, right-padded, batch 1 x GA 8 and
+# batch 8) against llama-sft's default path, 20 optimizer steps of 8 records each. Prints
+# tokens/s and peak GPU memory and writes $OUT/gpu_bench.json (+ .png) and $OUT/gpu_bench.log.
+#
+#   bash bench/gpu_bench.sh                     # ~1B model on the GPU
+#   bash bench/gpu_bench.sh --model-size tiny   # a tiny model: checks the script anywhere, CPU too
+#
+# Installs nothing: needs torch (with CUDA), transformers and peft, and the repository's src/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=1b
+if [ "${1:-}" = "--model-size" ]; then SIZE=${2:?--model-size 1b or tiny}; fi
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python}
+
+$PY - <<'PYEOF'
+import importlib.util, sys
+missing = [m for m in ("torch", "transformers", "peft", "sentencepiece", "matplotlib") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_bench: missing Python packages {missing}; this script installs nothing")
+import torch
+print("torch", torch.__version__, "| GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU run)")
+PYEOF
+
+case "$SIZE" in
+  # 16 layers x (4 x 2048^2 + 3 x 2048 x 5504) + 2 x 55296 x 2048 rows: ~1.04B parameters.
+  1b) MODEL=(--hidden 2048 --intermediate 5504 --layers 16 --heads 16 --steps 20) ;;
+  tiny) MODEL=(--hidden 64 --intermediate 172 --layers 2 --heads 4 --steps 2 --eval-records 4) ;;
+  *) echo "--model-size: 1b or tiny" >&2; exit 2 ;;
+esac
+
+$PY bench/train_bench.py "${MODEL[@]}" --max-seq-length 1024 \
+    --runs original-bs1-ga8,original-bs8,llama-sft --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"

@@ -1,0 +1,635 @@
+#!/usr/bin/env python
+"""Side-by-side training benchmark: the original Chinese-Alpaca pipeline, TRL and llama-sft.
+
+Every contender trains the same randomly initialised LLaMA on the same records, a global batch of
+8 records in every optimizer step (the Trainer's seeded random sampler gives all of them the same
+records in the same steps), for the same number of steps, with the same LoRA. Each runs in a
+child process of its own, so its peak RSS is its own. Reported per run: trained tokens/s (prompt
++ response tokens, padding excluded, over the Trainer's training loop), padding share of the
+positions computed, peak RSS at the end of training, eval loss on the held-out records (the same
+per-token mean, computed the same way for every contender, in float32) and model-FLOPs
+utilisation: the training FLOPs per token from the config (lm_head on every token, as the
+original computes it) times tokens/s, divided by a GEMM rate measured here for the dtype used.
+
+    python bench/train_bench.py            # the default workload (~15 minutes on 2 cores)
+    python bench/train_bench.py --quick    # a small model and few steps (< 3 minutes)
+
+Writes bench/results/latest.json (or --out) and a PNG bar chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = ROOT.parent / "shared"
+RUNS = ("original-bs1-ga8", "original-bs8", "trl", "llama-sft", "llama-sft-fp32")
+# TRL settings tried with --trl-sweep; "trl" runs the best of them on this machine (see docs/performance.md).
+TRL_SETTINGS = {
+    "trl-bs1-ga8": {"batch": 1, "accum": 8},
+    "trl-bs8": {"batch": 8, "accum": 1},
+    "trl-bs8-padding-free": {"batch": 8, "accum": 1, "padding_free": True},
+    "trl-bs8-chunked-nll": {"batch": 8, "accum": 1, "loss_type": "chunked_nll"},
+    "trl-bs1-ga8-bf16": {"batch": 1, "accum": 8, "bf16": True},
+}
+TRL_BEST = "trl-bs1-ga8"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED = 42
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="Small model, few steps: finishes in < 3 minutes.")
+    p.add_argument("--data", default=str(SHARED / "data" / "alpaca_zh_demo.json"), help="Alpaca JSON file.")
+    p.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "chinese-llama-2"))
+    p.add_argument("--train-records", type=int, default=960, help="Records 0..N-1 train.")
+    p.add_argument("--eval-records", type=int, default=40, help="The next N records are the eval set.")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="Optimizer steps of --global-batch records.")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="dtype of the llama-sft run (default: bfloat16 where the CPU supports it)")  # fmt: skip
+    p.add_argument("--runs", default=",".join(RUNS), help="Comma list of runs to do, in order.")
+    p.add_argument("--trl-sweep", action="store_true", help="Also run every TRL setting in TRL_SETTINGS.")
+    p.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads = 256, 688, 4, 4
+        args.steps, args.train_records, args.eval_records = 6, 960, 16
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload: data, tokenizer and base model, written once to a scratch folder.
+
+
+def prepare_workload(args: argparse.Namespace, scratch: Path) -> dict:
+    from llama_sft.demo import make_model, write_alpaca
+    from llama_sft.records import load_records
+    from llama_sft.tokenizer import TextTokenizer
+
+    if Path(args.data).is_file() and Path(args.tokenizer).is_dir():
+        records, tokenizer_dir, source = load_records(args.data), Path(args.tokenizer), "shared"
+    else:
+        records, tokenizer_dir, source = (
+            generated_records(scratch / "demo"),
+            scratch / "demo" / "tokenizer",
+            "demo",
+        )
+    train = records[: args.train_records]
+    held = records[args.train_records : args.train_records + args.eval_records]
+    write_alpaca(train, scratch / "train.json")
+    write_alpaca(held, scratch / "eval.json")
+    vocab = len(TextTokenizer.load(tokenizer_dir))
+    make_model(
+        scratch / "base",
+        vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        seed=0,
+    )
+    return {
+        "source": source,
+        "scratch": str(scratch),
+        "train_json": str(scratch / "train.json"),
+        "eval_json": str(scratch / "eval.json"),
+        "tokenizer": str(tokenizer_dir),
+        "model": str(scratch / "base"),
+        "vocab": vocab,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "max_seq_length": args.max_seq_length,
+        "train_records": len(train),
+        "eval_records": len(held),
+    }
+
+
+def generated_records(folder: Path, count: int = 1000) -> list:
+    """Without the shared data: the demo's tokenizer and vocabulary, in records as long as real
+    Alpaca ones (instructions of 5-40 words, responses of 10-300)."""
+    import random
+
+    from llama_sft.demo import WORDS, build_demo
+    from llama_sft.records import Record
+
+    train, held = build_demo(folder)
+    rng, words = random.Random(0), [w for pair in WORDS.items() for w in pair]
+    records = []
+    for i in range(count):
+        seed = (train + held)[i % len(train + held)]
+        instruction = seed.instruction + " " + " ".join(rng.choices(words, k=rng.randint(5, 40)))
+        records.append(Record(instruction, "", " ".join(rng.choices(words, k=rng.randint(10, 300)))))
+    return records
+
+
+def lora_config():
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=PROJECTIONS,
+        modules_to_save=["embed_tokens", "lm_head"],
+        inference_mode=False,
+    )
+
+
+def trainer_settings(w: dict, batch: int, accum: int, output_dir: str) -> dict:
+    """TrainingArguments shared by every contender: the documented schedule, nothing saved."""
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum,
+        "max_steps": w["steps"],
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "weight_decay": 0.0,
+        "seed": SEED,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": not on_gpu(),
+        "disable_tqdm": True,
+    }
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: a callback that times the training loop, counts the tokens of every collated batch
+# and reads the peak RSS when training ends.
+
+
+def make_meter():
+    import torch
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.batches = []  # (tokens, positions) of every collated batch, in order
+            self.seconds = self.peak_rss_mb = 0.0
+
+        def count(self, batch: dict) -> None:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            self.batches.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # The data loader collates one batch ahead; only the first steps x GA batches are trained.
+            self.trained_batches = args.max_steps * args.gradient_accumulation_steps
+            self.start = time.perf_counter()
+
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            # accelerate wraps the DataLoader; its batches come from the wrapped one.
+            loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+            collate = loader.collate_fn
+            if getattr(collate, "counted", False):
+                return
+
+            def counting_collate(examples):
+                batch = collate(examples)
+                self.count(batch)
+                return batch
+
+            counting_collate.counted = True
+            loader.collate_fn = counting_collate
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
+
+        def result(self) -> dict:
+            trained = self.batches[: self.trained_batches]
+            tokens, positions = sum(t for t, _ in trained), sum(p for _, p in trained)
+            return {
+                "tokens": tokens,
+                "positions": positions,
+                "train_seconds": round(self.seconds, 2),
+                "tokens_per_s": round(tokens / self.seconds, 1),
+                "padding_share": round(1 - tokens / max(1, positions), 4),
+                "peak_rss_mb": round(self.peak_rss_mb),
+                "peak_gpu_mb": round(self.peak_gpu_mb) if self.peak_gpu_mb else None,
+            }
+
+    return Meter()
+
+
+def eval_loss(model, w: dict) -> float:
+    """Mean token cross-entropy over the eval records' responses: one record a forward, float32."""
+    import torch
+
+    from llama_sft.encode import encode_records
+    from llama_sft.records import load_records
+    from llama_sft.templates import load_template
+    from llama_sft.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.load(w["tokenizer"])
+    data, _ = encode_records(
+        load_records(w["eval_json"]), load_template("alpaca"), tokenizer, w["max_seq_length"]
+    )
+    model = model.float().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            ids = torch.tensor([data[i]["input_ids"]], device=model.device)
+            labels = torch.tensor(data[i]["labels"][1:], device=model.device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            total += float(
+                torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+            )
+            count += int((labels != -100).sum())
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# Contender 1: the original Chinese-Alpaca run_clm_sft_with_peft.py, rebuilt. Its data handling:
+# BOS + prompt and response + EOS tokenized apart (SentencePiece, as its LlamaTokenizer did),
+# concatenated and cut to max_seq_length, labels -100 on the prompt; a collator that right-pads
+# every batch to its longest example; HF Trainer (random sampler, no packing), float32.
+
+
+def original_dataset(w: dict):
+    import torch
+
+    from llama_sft.records import load_records
+    from llama_sft.templates import load_template
+    from llama_sft.tokenizer import TextTokenizer
+
+    tokenizer, template = TextTokenizer.load(w["tokenizer"]), load_template("alpaca")
+    examples = []
+    for record in load_records(w["train_json"]):
+        source = [tokenizer.bos_id] + tokenizer.encode(template.render(record.full_instruction))
+        target = tokenizer.encode(record.output) + [tokenizer.eos_id]
+        input_ids = torch.LongTensor(source + target)[: w["max_seq_length"]]
+        labels = torch.LongTensor([-100] * len(source) + target)[: w["max_seq_length"]]
+        examples.append({"input_ids": input_ids, "labels": labels})
+    return examples, tokenizer.pad_id
+
+
+def original_collator(pad_id: int):
+    import torch
+
+    def collate(instances):
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            [i["input_ids"] for i in instances], batch_first=True, padding_value=pad_id
+        )
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [i["labels"] for i in instances], batch_first=True, padding_value=-100
+        )
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": input_ids.ne(pad_id)}
+
+    return collate
+
+
+def run_original(w: dict, batch: int, accum: int) -> dict:
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    # On a CPU the original runs in float32 (its float16 is unusable there); on a GPU, as
+    # documented, in half precision: bfloat16 weights and autocast.
+    dtype = "bfloat16" if on_gpu() else "float32"
+    examples, pad_id = original_dataset(w)
+    model = LlamaForCausalLM.from_pretrained(w["model"], dtype=getattr(torch, dtype))
+    model = get_peft_model(model, lora_config())
+    meter = make_meter()
+    settings = trainer_settings(w, batch, accum, os.path.join(w["scratch"], "out-original"))
+    settings["bf16"] = on_gpu()
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=examples,
+        data_collator=original_collator(pad_id),
+        callbacks=[meter],
+    )
+    trainer.train()
+    return {
+        **meter.result(),
+        "eval_loss": eval_loss(trainer.model, w),
+        "dtype": "float32",
+        "settings": settings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Contender 2: TRL's SFTTrainer on prompt-completion data (prompt = the rendered template,
+# completion = the response; TRL adds EOS), loss on the completion only, the same LoRA.
+
+
+def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll", bf16=False) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from llama_sft.records import load_records
+    from llama_sft.templates import load_template
+
+    template = load_template("alpaca")
+    rows = [
+        {"prompt": template.render(r.full_instruction), "completion": r.output}
+        for r in load_records(w["train_json"])
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(w["tokenizer"])
+    model = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
+    settings = {
+        **trainer_settings(w, batch, accum, os.path.join(w["scratch"], "out-trl")),
+        "max_length": w["max_seq_length"],
+        "completion_only_loss": True,
+        "padding_free": padding_free,
+        "loss_type": loss_type,
+        "bf16": bf16,
+        "dataset_num_proc": 1,
+    }
+    meter = make_meter()
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**settings),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[meter],
+    )
+    trainer.train()
+    dtype = "bfloat16" if bf16 else "float32"
+    return {**meter.result(), "eval_loss": eval_loss(trainer.model, w), "dtype": dtype, "settings": settings}
+
+
+# ---------------------------------------------------------------------------------------------
+# Contender 3: llama-sft, through its own entry point (`llama-sft train`), default path: packed
+# rows, loss on labelled positions only, bfloat16 autocast where the CPU has it.
+
+
+def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from llama_sft.train import train
+
+    out = os.path.join(w["scratch"], f"out-llama-sft-{dtype}")
+    settings = trainer_settings(w, w["global_batch"], 1, out)
+    argv = [
+        "--model_name_or_path", w["model"],
+        "--tokenizer_name_or_path", w["tokenizer"],
+        "--dataset_dir", w["train_json"],
+        "--data_cache_dir", os.path.join(w["scratch"], "cache"),
+        "--max_seq_length", str(w["max_seq_length"]),
+        "--do_train",
+        "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
+        "--trainable", ",".join(PROJECTIONS),
+        "--modules_to_save", "embed_tokens,lm_head",
+        "--torch_dtype", dtype,
+        "--overwrite_output_dir",
+        "--bf16", str(dtype == "bfloat16"),
+        "--log_level", "warning",
+    ]  # fmt: skip
+    if max_tokens_per_pass:
+        argv += ["--max_tokens_per_pass", str(max_tokens_per_pass)]
+        settings["max_tokens_per_pass"] = max_tokens_per_pass
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    meter = make_meter()
+    lora_dir = train(argv, callbacks=[meter])
+    result = meter.result()
+    base = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(lora_dir)).to("cuda" if on_gpu() else "cpu")
+    return {**result, "eval_loss": eval_loss(model, w), "dtype": dtype, "settings": settings}
+
+
+def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
+    if name == "original-bs1-ga8":
+        return run_original(w, batch=1, accum=8)
+    if name == "original-bs8":
+        return run_original(w, batch=8, accum=1)
+    if name == "trl":
+        return run_trl(w, **TRL_SETTINGS[TRL_BEST])
+    if name in TRL_SETTINGS:
+        return run_trl(w, **TRL_SETTINGS[name])
+    if name == "llama-sft":
+        return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"))
+    if name == "llama-sft-fp32":
+        return run_llama_sft(w, "float32")
+    if name.startswith("llama-sft-budget"):  # e.g. llama-sft-budget512: --max_tokens_per_pass 512
+        budget = int(name.removeprefix("llama-sft-budget"))
+        return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), budget)
+    raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + tuple(TRL_SETTINGS))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and the machine's GEMM rate.
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def gemm_rate(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """Best of three timings of a square matrix product, in GFLOP/s."""
+    import torch
+
+    dtype, device = getattr(torch, dtype_name), "cuda" if on_gpu() else "cpu"
+    size = 8192 if device == "cuda" else size
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def flops_per_token(model_dir: str, mean_context: float, r: int = 8) -> dict:
+    """Training FLOPs per token from the config: the frozen base forward and input-gradient passes
+    (2 + 2 FLOPs per weight), LoRA (6 per LoRA weight), causal attention, and the trained lm_head
+    (forward, input gradient and weight gradient: 6 per weight)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
+    kv_dim = h // heads * kv
+    per_layer = [(h, h), (h, kv_dim), (h, kv_dim), (h, h), (h, i), (h, i), (i, h)]
+    layer_weights = sum(a * b for a, b in per_layer)
+    lora_weights = sum(r * (a + b) for a, b in per_layer)
+    body = n * (4 * layer_weights + 6 * lora_weights + 3 * 4 * h * mean_context)
+    head = 6 * h * config["vocab_size"]
+    return {"body": body, "lm_head": head, "total": body + head}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: prepare, each contender in a child process, table, JSON, chart.
+
+
+def run_child(name: str, workload_file: Path, args: argparse.Namespace) -> dict:
+    result_file = workload_file.with_name(f"result-{name}.json")
+    cmd = [sys.executable, __file__, "--child", name, "--workload", str(workload_file)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    started = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not result_file.is_file():
+        print(proc.stdout[-4000:])
+        return {"name": name, "error": f"exit status {proc.returncode}"}
+    result = json.loads(result_file.read_text())
+    print(f"  {name}: {result['tokens_per_s']} tokens/s, {time.time() - started:.0f} s wall", flush=True)
+    return {"name": name, **result}
+
+
+def label_stats(w: dict) -> dict:
+    from llama_sft.encode import encode_records
+    from llama_sft.records import load_records
+    from llama_sft.templates import load_template
+    from llama_sft.tokenizer import TextTokenizer
+
+    data, _ = encode_records(
+        load_records(w["train_json"]),
+        load_template("alpaca"),
+        TextTokenizer.load(w["tokenizer"]),
+        w["max_seq_length"],
+    )
+    lengths = data.lengths()
+    labelled = int((data.labels != -100).sum())
+    return {
+        "labelled_share": labelled / data.num_tokens(),
+        "mean_context": sum(n * (n + 1) / 2 for n in lengths) / sum(lengths),
+    }
+
+
+def add_flops(results: list[dict], w: dict, rates: dict) -> None:
+    stats = label_stats(w)
+    flops = flops_per_token(w["model"], stats["mean_context"])
+    w["flops_per_token"] = flops["total"]
+    for run in results:
+        if "error" in run:
+            continue
+        rate = run["gemm_gflops"]
+        # llama-sft computes the lm_head only where the next label is kept: fewer FLOPs executed.
+        head_share = stats["labelled_share"] if run["name"].startswith("llama-sft") else 1.0
+        executed = flops["body"] + flops["lm_head"] * head_share
+        run["gemm_gflops"] = round(rate, 1)
+        run["gemm_gflops_at_start"] = round(rates[run["dtype"]], 1)
+        run["mfu"] = round(run["tokens_per_s"] * flops["total"] / (rate * 1e9), 4)
+        run["mfu_executed"] = round(run["tokens_per_s"] * executed / (rate * 1e9), 4)
+
+
+def print_table(results: list[dict]) -> None:
+    gpu = any(r.get("peak_gpu_mb") for r in results)
+    head = f"{'run':<22}{'tokens/s':>10}{'padding':>9}{'peak RSS':>10}{'peak GPU' if gpu else '':>10}"
+    head += f"{'eval loss':>11}{'MFU':>7}  dtype"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<22}  failed: {r['error']}")
+            continue
+        gpu_mem = f"{r['peak_gpu_mb'] / 1024:>8.2f}GB" if gpu else f"{'':>10}"
+        print(
+            f"{r['name']:<22}{r['tokens_per_s']:>10.0f}{r['padding_share']:>9.1%}{r['peak_rss_mb'] / 1024:>8.2f}GB"
+            f"{gpu_mem}{r['eval_loss']:>11.4f}{r['mfu']:>7.1%}  {r['dtype']}"
+        )
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    names = [r["name"] for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label, scale in (
+        (axes[0], "tokens_per_s", "trained tokens/s (higher is better)", 1),
+        (axes[1], "peak_rss_mb", "peak RSS, GB (lower is better)", 1 / 1024),
+    ):
+        values = [r[key] * scale for r in ok]
+        bars = ax.bar(
+            names, values, color=["#999" if n.startswith(("original", "trl")) else "#2a7" for n in names]
+        )
+        ax.bar_label(bars, fmt="%.0f" if scale == 1 else "%.2f")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        w = json.loads(Path(args.workload).read_text())
+        result = run_contender(args.child, w, args)
+        # Measured in the child right after training, under the same load as the run it divides.
+        result["gemm_gflops"] = gemm_rate(result["dtype"])
+        Path(args.workload).with_name(f"result-{args.child}.json").write_text(json.dumps(result))
+        return
+    names = [n for n in args.runs.split(",") if n]
+    if args.trl_sweep:
+        names += list(TRL_SETTINGS)
+    with tempfile.TemporaryDirectory(prefix="llama-sft-bench-") as tmp:
+        scratch = Path(tmp)
+        w = prepare_workload(args, scratch)
+        workload_file = scratch / "workload.json"
+        workload_file.write_text(json.dumps(w))
+        print(
+            f"workload: {w['source']} data, {w['train_records']} training records, vocab {w['vocab']}, "
+            f"hidden {args.hidden} x {args.layers} layers, {w['steps']} steps x {w['global_batch']} records"
+        )
+        rates = {d: gemm_rate(d) for d in ("float32", "bfloat16")}
+        print("GEMM rate: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items()), flush=True)
+        results = [run_child(name, workload_file, args) for name in names]
+        add_flops(results, w, rates)
+    print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = {k: v for k, v in w.items() if k not in ("scratch", "train_json", "eval_json", "model")}
+    machine = {"cpus": os.cpu_count(), "gemm_gflops": {d: round(r, 1) for d, r in rates.items()}}
+    report = [{**r, "workload": w, "machine": machine, "quick": args.quick} for r in results]
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

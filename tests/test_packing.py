@@ -1,0 +1,79 @@
+"""Packing: records back to back in one row, position ids restarting, no attention across records."""
+
+import os
+
+import pytest
+import torch
+
+from llama_sft.collate import Collator
+from llama_sft.demo import make_model
+from llama_sft.packing import PackingCollator, record_starts, split_packed
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VOCAB = 97
+
+
+def examples(lengths_and_prompts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, prompt in lengths_and_prompts:
+        ids = [1] + torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("model")
+    make_model(folder, VOCAB, hidden=64, layers=2, heads=4)
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+
+
+def test_collator_packs_without_padding():
+    batch = PackingCollator()(examples([(5, 2), (3, 1), (4, 4)]))
+    assert batch["input_ids"].shape == (1, 12)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    labels = batch["labels"][0].tolist()
+    assert labels[0] == labels[5] == labels[8] == -100  # each record's first position
+    assert record_starts(batch["position_ids"]) == [0, 5, 8, 12]
+
+
+def test_split_keeps_whole_records_within_budget():
+    batch = PackingCollator()(examples([(5, 2), (3, 1), (4, 2), (9, 3)]))
+    pieces = split_packed(batch, 8)
+    assert [p["input_ids"].shape[1] for p in pieces] == [8, 4, 9]  # 5+3, 4, then a 9-token record alone
+    assert torch.equal(torch.cat([p["input_ids"] for p in pieces], dim=1), batch["input_ids"])
+    for piece in pieces:
+        assert piece["position_ids"][0, 0] == 0
+    assert split_packed(batch, None) == [batch]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_per_record_loss_equals_record_alone(model, attn):
+    model.config._attn_implementation = attn
+    records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=1)
+    batch = PackingCollator()(records)
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
+        start = 0
+        for record in records:
+            n = len(record["input_ids"])
+            alone_batch = Collator(0)([record])
+            alone = model(**{k: v for k, v in alone_batch.items() if k != "labels"}, use_cache=False).logits[
+                0
+            ]
+            assert torch.allclose(logits[start : start + n], alone, atol=1e-5, rtol=0)
+            labels = torch.tensor(record["labels"][1:])
+            if (labels != -100).any():
+                packed_loss = torch.nn.functional.cross_entropy(logits[start : start + n - 1], labels)
+                alone_loss = torch.nn.functional.cross_entropy(alone[:-1], labels)
+                assert abs(packed_loss.item() - alone_loss.item()) < 1e-5
+            start += n
+    model.config._attn_implementation = "sdpa"
