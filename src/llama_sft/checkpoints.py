@@ -132,8 +132,9 @@ class StopCallback(TrainerCallback):
             self.previous[signum] = signal.signal(signum, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = torch.tensor([1 if self.signal_name else 0])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # On the training device: NCCL reduces only GPU tensors, gloo CPU ones.
+        requested = torch.tensor([1 if self.signal_name else 0], device=args.device)
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every process must stop at the same step, or the others wait forever in a collective.
             torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
         if requested.item():
