@@ -128,3 +128,22 @@ def test_two_processes_resume_matches_uninterrupted(model_dir, tokenizer_dir, da
     assert loss_res == pytest.approx(loss_ref, abs=1e-6)
     for key in adapter_ref:
         assert torch.allclose(adapter_ref[key], adapter_res[key], atol=1e-6, rtol=0), key
+
+
+def test_zero3_saves_full_adapter(model_dir, tokenizer_dir, data_dir, tmp_path):
+    """ZeRO-3 partitions every parameter; the saved adapter must still hold whole, trained tensors."""
+    out = tmp_path / "out"
+    zero3 = ROOT / "scripts" / "training" / "ds_zero3_no_offload.json"
+    torchrun(
+        1,
+        train_argv(model_dir, tokenizer_dir, data_dir, out, deepspeed=zero3, evaluation_strategy="no"),
+        tmp_path,
+    )
+    tensors = load_file(out / "sft_lora_model" / "adapter_model.safetensors")
+    base = load_file(model_dir / "model.safetensors")
+    assert (
+        tensors["base_model.model.model.embed_tokens.weight"].shape == base["model.embed_tokens.weight"].shape
+    )
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    assert lora_b and all(t.numel() > 0 and t.abs().sum() > 0 for t in lora_b)
+    assert (out / "checkpoint-4" / "sft_lora_model" / "adapter_model.safetensors").is_file()
