@@ -51,6 +51,19 @@ if run.returncode == 0:
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     result.update(steps=args.steps, train_seconds=round(seconds, 1), exact_match_after=after,
                   first_loss=losses[0], last_loss=losses[-1], sample=answers[:3])  # fmt: skip
+    # The same adapter through `llama-sft chat` batch mode (on the GPU when there is one).
+    questions = root / "held_out.json"
+    questions.write_text(json.dumps([{"instruction": r.instruction} for r in held], ensure_ascii=False))
+    chat = [sys.executable, "-m", "llama_sft.cli", "chat", "--base_model", str(root / "base_model"),
+            "--lora_model", str(root / "output" / "sft_lora_model"), "--data_file", str(questions),
+            "--predictions_file", str(root / "predictions.json"), "--do_sample", "false", "--max_new_tokens", "16"]  # fmt: skip
+    chat_run = subprocess.run(chat)
+    if chat_run.returncode == 0:
+        outputs = [p["output"] for p in json.loads((root / "predictions.json").read_text(encoding="utf-8"))]
+        result["chat_exact_match"] = sum(o == r.output for o, r in zip(outputs, held, strict=True)) / len(
+            held
+        )
+    result["chat_exit_code"] = chat_run.returncode
 print(json.dumps(result, ensure_ascii=False))
 if os.environ.get("OUT"):
     Path(os.environ["OUT"], "gpu_smoke.json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
