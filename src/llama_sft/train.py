@@ -294,7 +294,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     workers = args.data.preprocessing_num_workers or 1
     max_len = args.data.max_seq_length
     with training.main_process_first(desc="tokenizing"):
-        train_set, train_stats, _ = encode_cached(
+        train_set, train_stats, from_cache = encode_cached(
             train_records,
             train_files,
             template,
@@ -316,6 +316,12 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
                 workers,
                 extra_key=f"eval{len(eval_records)}",
             )
+    if training.local_process_index != 0 and not from_cache:
+        logger.warning(
+            "process %d tokenized the data itself: the cache its node's first process wrote was not there "
+            "(is --data_cache_dir writable?)",
+            training.process_index,
+        )
     logger.info(train_stats.report("train data", max_len))
     if eval_records:
         logger.info(eval_stats.report("eval data", max_len))
