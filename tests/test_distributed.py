@@ -64,9 +64,8 @@ def test_two_processes(model_dir, tokenizer_dir, data_dir, tmp_path):
     out = tmp_path / "out"
     argv = train_argv(model_dir, tokenizer_dir, data_dir, out, per_device_train_batch_size=2)
     result = torchrun(2, argv, tmp_path)
-    # The first process tokenizes and caches; the second waits, then reads the cache.
+    # The first process tokenizes and caches; the second waits, then reads the cache (else it warns).
     assert "tokenized the data itself" not in result.stderr
-    assert result.stderr.count("train data: 16 records") == 1
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert (out / "sft_lora_model" / "adapter_model.safetensors").is_file()

@@ -48,7 +48,7 @@ from .planner import dry_run_report
 from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
-from .tokenizer import TextTokenizer, TokenizerError
+from .tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
 from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
@@ -286,7 +286,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             "transformers' converted tokenizer segments %d of %d probe texts differently from SentencePiece; "
             "llama-sft encodes with SentencePiece, as the model was trained",
             mismatches,
-            2,
+            len(PROBE_TEXTS),
         )
 
     # 3. Tokenize: the main process encodes and caches, the others then read the cache.
