@@ -41,12 +41,30 @@ def test_cross_entropy_and_gradient_match_torch():
     logits = torch.randn(300, 50, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (300,), generator=g)
     targets[::7] = -100
+    targets[32:48] = -100  # a whole chunk of ignored rows
     ours = LabelledCrossEntropy.apply(logits, targets)
-    (grad,) = torch.autograd.grad(ours, logits)
+    (grad,) = torch.autograd.grad(ours * 0.25, logits)
     ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    (ref_grad,) = torch.autograd.grad(ref, logits)
+    (ref_grad,) = torch.autograd.grad(ref * 0.25, logits)
     assert torch.allclose(ours, ref, rtol=1e-6)
     assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert grad[32:48].abs().sum() == 0
+
+
+def test_cross_entropy_of_bfloat16_logits_keeps_their_dtype():
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(40, 1000, generator=g) * 3
+    logits = full.bfloat16().requires_grad_()
+    targets = torch.randint(0, 1000, (40,), generator=g)
+    ours = LabelledCrossEntropy.apply(logits, targets)
+    (grad,) = torch.autograd.grad(ours / 40, logits)
+    exact = logits.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(exact, targets)
+    (ref_grad,) = torch.autograd.grad(ref, exact)
+    assert ours.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert abs(ours.item() / 40 - ref.item()) < 1e-5
+    # Rounded to bfloat16 twice (the gradient, then scaled by 1/40), each within 2**-9 of its size.
+    assert torch.allclose(grad.float(), ref_grad, rtol=2**-7, atol=0)
 
 
 def test_loss_equals_model_loss_on_padded_and_packed_batches(folder):

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from llama_sft.attention import PACKED_SDPA
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
 from llama_sft.packing import PackingCollator, record_starts, split_packed
@@ -53,7 +54,7 @@ def test_split_keeps_whole_records_within_budget():
     assert split_packed(batch, None) == [batch]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_per_record_loss_equals_record_alone(model, attn):
     model.config._attn_implementation = attn
     records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=1)
@@ -76,4 +77,37 @@ def test_per_record_loss_equals_record_alone(model, attn):
                 alone_loss = torch.nn.functional.cross_entropy(alone[:-1], labels)
                 assert abs(packed_loss.item() - alone_loss.item()) < 1e-5
             start += n
+    model.config._attn_implementation = "sdpa"
+
+
+def test_packed_attention_runs_record_by_record(model, monkeypatch):
+    """The packed kernel is what runs, one causal attention per record, and it agrees with sdpa's
+    block-diagonal mask on a packed row, on plain rows and on padded rows."""
+    import llama_sft.attention as attention
+
+    records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=2)
+    batch = PackingCollator()(records)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    lengths = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return real_sdpa(query, *args, **kwargs)
+
+    plain = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(plain)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        reference = [model(**inputs).logits, model(input_ids=plain).logits]
+        reference.append(model(input_ids=plain, attention_mask=mask).logits)
+        model.config._attn_implementation = PACKED_SDPA
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+        packed = model(**inputs).logits
+        assert lengths == [17, 9, 30, 2] * model.config.num_hidden_layers
+        assert torch.allclose(packed, reference[0], atol=1e-5, rtol=0)
+        assert torch.allclose(model(input_ids=plain).logits, reference[1], atol=1e-5, rtol=0)
+        padded = model(input_ids=plain, attention_mask=mask).logits
+        assert torch.allclose(padded[mask.bool()], reference[2][mask.bool()], atol=1e-5, rtol=0)
     model.config._attn_implementation = "sdpa"

@@ -147,6 +147,14 @@ class SftTrainingArguments(TrainingArguments):
             "choices": ["stop", "skip"],
         },
     )
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={
+            "help": "Set for you when --bf16 runs without DeepSpeed: llama-sft enters bfloat16 autocast itself "
+            "(and --bf16 is passed on as False), because accelerate's autocast returns the logits as a float32 "
+            "copy, tokens x vocabulary floats, every pass. The same autocast otherwise."
+        },
+    )
     max_tokens_per_pass: int | None = field(
         default=None,
         metadata={

@@ -3,7 +3,8 @@
 Contract: ``load_base_model(model_args, tokenizer, dtype)`` returns a causal LM whose embedding has
 one row per tokenizer id (resized up when the tokenizer is larger; an error when it is smaller).
 ``attach_lora(model, lora_args)`` returns a ``PeftModel`` whose trainable parameters are exactly
-the LoRA matrices and ``modules_to_save``, in float32, with the base frozen. With ``peft_path`` the
+the LoRA matrices and ``modules_to_save``, in float32, with the base frozen, and LoRA dropout
+drawn by ``dropout.BitsDropout`` (the same distribution, cheaper on a CPU). With ``peft_path`` the
 saved adapter is loaded trainable and its own configuration wins.
 """
 
@@ -17,6 +18,8 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from .args import LoraArguments, ModelArguments
+from .attention import PACKED_SDPA
+from .dropout import use_bits_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +66,18 @@ def check_vocab(path: str, tokenizer_size: int, tokenizer_path: str) -> bool:
     return tokenizer_size > rows
 
 
-def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtype) -> torch.nn.Module:
+def load_base_model(
+    args: ModelArguments, tokenizer_size: int, dtype: torch.dtype, packed: bool = False
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    attn = args.attn_implementation
+    if packed and attn == "sdpa":
+        attn = PACKED_SDPA  # the same kernel, record by record, without an (n, n) mask
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path,
         dtype=dtype,
-        attn_implementation=args.attn_implementation,
+        attn_implementation=attn,
         trust_remote_code=args.trust_remote_code,
         use_safetensors=None,
     )
@@ -160,6 +168,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    use_bits_dropout(model)
     return model
 
 

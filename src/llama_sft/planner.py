@@ -124,7 +124,13 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
     trainable, total = count_parameters(model)
     dtype_name = args.model.torch_dtype if args.model.torch_dtype not in (None, "auto") else "float32"
     load_dtype = getattr(torch, dtype_name)
-    compute_dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else load_dtype
+    compute_dtype = (
+        torch.bfloat16
+        if training.bf16 or training.bf16_autocast
+        else torch.float16
+        if training.fp16
+        else load_dtype
+    )
     batch = training.per_device_train_batch_size
     longest = min(args.data.max_seq_length, max(lengths, default=args.data.max_seq_length))
     # Worst case: a micro-batch of the longest records; packed rows need no padding but are as long.

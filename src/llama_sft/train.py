@@ -125,7 +125,10 @@ def parse_for_this_machine(argv: list[str]) -> TrainArgs:
             # Without it, transformers refuses --bf16 on a CPU-only machine.
             argv += ["--use_cpu", "True"]
         argv += plan_cpu_precision(probe)
-    return parse_train_args(argv)
+    args = parse_train_args(argv)
+    if args.training.bf16 and not args.training.deepspeed:
+        args = parse_train_args(argv + ["--bf16", "False", "--bf16_autocast", "True"])
+    return args
 
 
 def load_data(
@@ -334,7 +337,9 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
 
     # 4. Model and LoRA. Seeded first: the LoRA A matrices are drawn from the global RNG.
     transformers.set_seed(training.seed)
-    model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))
+    model = load_base_model(
+        args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype), packed=args.data.packing
+    )
     check_lora_args(model, args.lora)
     model = attach_lora(model, args.lora)
     trainable, total = model.get_nb_trainable_parameters()
@@ -368,6 +373,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             FiniteGradCallback(training.nan_policy),
         ],
         max_tokens_per_pass=training.max_tokens_per_pass,
+        autocast_dtype=torch.bfloat16 if training.bf16_autocast else None,
     )
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)

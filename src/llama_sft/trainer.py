@@ -8,8 +8,8 @@ micro-batches and all processes together, as transformers normalises with
 1. the vocabulary projection (``lm_head``) runs only at positions whose next label is not -100,
    through the model's own ``logits_to_keep`` argument; with a 55,296-row vocabulary that
    projection is about half the FLOPs of a small model, and prompts are a third of the tokens;
-2. the cross-entropy is computed chunk by chunk from the logits in their own dtype: no float32
-   copy of the logits and no saved log-softmax, and its backward writes the gradient directly;
+2. the cross-entropy and its gradient are computed together, chunk by chunk, from the logits in
+   their own dtype: no float32 copy of the logits, and only the gradient is kept for the backward;
 3. a packed row longer than ``max_tokens_per_pass`` is trained in pieces of whole records
    (``packing.split_packed``), each forward and backward in turn, within one optimizer step.
 """
@@ -19,42 +19,52 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from transformers import Trainer
 
 from .encode import IGNORE_INDEX
 from .packing import split_packed
 
-CE_CHUNK_ROWS = 128
+# Rows of logits turned into gradient at a time: 16 x 55,296 float32 values stay near the L2 cache
+# (measured on a 2-core Xeon: 154 ms for 1,304 x 55,296 bfloat16 logits, against 205 ms with 128 rows).
+CE_CHUNK_ROWS = 16
 
 
 class LabelledCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``logits`` (n, vocab) against ``targets`` (n,), -100 ignored."""
+    """Summed cross-entropy of ``logits`` (n, vocab) against ``targets`` (n,), -100 ignored.
+
+    The gradient (softmax - one_hot(target), zero on ignored rows) is computed in the forward, chunk
+    by chunk from one log-softmax, and kept in the logits' dtype instead of the logits: the backward
+    only scales it. That is one pass over the logits fewer and no float32 copy of them.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
-            part = logits[start : start + CE_CHUNK_ROWS].float()
-            lse[start : start + CE_CHUNK_ROWS] = torch.logsumexp(part, dim=-1)
-        valid = targets != IGNORE_INDEX
-        safe = targets.clamp_min(0)
-        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, safe, valid, lse)
-        return ((lse - picked) * valid).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, safe, valid, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        scale = valid.float() * grad_loss.float()
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
             end = min(start + CE_CHUNK_ROWS, logits.shape[0])
-            # d(lse - logit[target]) / d logits = softmax - one_hot(target)
-            probs = torch.exp(logits[start:end].float() - lse[start:end, None])
-            rows = torch.arange(end - start, device=logits.device)
-            probs[rows, safe[start:end]] -= 1.0
-            grad[start:end] = (probs * scale[start:end, None]).to(grad.dtype)
-        return grad, None
+            target = targets[start:end]
+            valid = target != IGNORE_INDEX
+            log_probs = torch.log_softmax(logits[start:end].float(), dim=-1)
+            picked = log_probs.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+            total -= (picked * valid).sum()
+            probs = log_probs.exp_()
+            rows = valid.nonzero().squeeze(1)
+            probs[rows, target[rows]] -= 1.0
+            if rows.numel() < end - start:
+                probs[~valid] = 0.0
+            grad[start:end] = probs
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        # In place: the saved gradient is used by this one backward only. A Python float scale is
+        # applied in float32 even to a bfloat16 gradient (a bfloat16 1/N would be off by up to 0.4%).
+        return grad.mul_(float(grad_loss)), None
 
 
 def labelled_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
@@ -70,12 +80,26 @@ def labelled_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
 
 
 class SftTrainer(Trainer):
-    def __init__(self, *args, max_tokens_per_pass: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_tokens_per_pass: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.max_tokens_per_pass = max_tokens_per_pass
+        self.autocast_dtype = autocast_dtype
         # compute_loss below normalises by num_items_in_batch itself, so the Trainer must count it
         # and must not divide the loss again by the number of accumulation steps.
         self.model_accepts_loss_kwargs = True
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # Our own autocast (--bf16 without DeepSpeed): the same as accelerate's, minus its float32
+        # copy of every output, which for the logits is tokens x vocabulary floats per pass.
+        if self.autocast_dtype is None:
+            return super().autocast_smart_context_manager(cache_enabled)
+        return torch.autocast(self.args.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         pieces = split_packed(inputs, None if self.is_deepspeed_enabled else self.max_tokens_per_pass)
@@ -92,7 +116,10 @@ class SftTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, count, outputs = labelled_loss_sum(model, inputs)
+        # Under our autocast, PEFT's cast of every LoRA input to float32 is a copy that autocast
+        # undoes before the LoRA product; without it LoRA dropout also runs on half the bytes.
+        with disable_input_dtype_casting(model, active=self.autocast_dtype is not None):
+            loss, count, outputs = labelled_loss_sum(model, inputs)
         if num_items_in_batch is None:
             loss = loss / count.clamp_min(1)
         else:

@@ -1,0 +1,95 @@
+"""Attention for packed rows: each record attends within itself, at the cost of its own length.
+
+Contract: ``PACKED_SDPA`` names an attention implementation registered with transformers'
+``AttentionInterface`` and ``AttentionMaskInterface`` (their public registration API). Loaded
+with ``attn_implementation=PACKED_SDPA``, a model given a packed row (batch 1, ``position_ids``
+restarting at 0 at each record, no ``attention_mask``, see ``packing.py``) runs causal
+scaled-dot-product attention record by record, so the cost is the sum of the squared record
+lengths instead of the square of their sum, and no (n, n) mask is built. Its outputs equal those
+of ``sdpa`` with transformers' block-diagonal mask. Anything else (a padding mask, several rows,
+a cache during generation) goes to transformers' own ``sdpa`` path unchanged; several rows whose
+``position_ids`` restart mid-row are not supported (``packing.py`` never makes them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "llama_sft_packed_sdpa"
+
+
+def record_bounds(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the records in one packed row of ``position_ids`` (shape (1, n)), then n."""
+    starts = (position_ids[0] == 0).nonzero().squeeze(-1).tolist()
+    return starts + [position_ids.shape[-1]]
+
+
+def packed_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    # query: (1, heads, n, head_dim); key and value: (1, kv_heads, n, head_dim).
+    packed = (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+    )
+    bounds = record_bounds(position_ids) if packed else []
+    if not bounds or bounds[0] != 0:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    gqa = query.shape[1] != key.shape[1]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    # split, not slicing: the backward of a slice writes a zero tensor of the whole row per record.
+    pieces = [
+        _causal_sdpa(q, k, v, dropout, scaling, gqa)
+        for q, k, v in zip(
+            query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True
+        )
+    ]
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# On a CPU, PyTorch's math kernel runs forward and backward faster than its flash kernel for short
+# records and slower for long ones (bfloat16, 8 heads of 64, 2 cores: 16 vs 25 ms for 16 records of
+# 64 tokens, 69 vs 42 ms for 3 of 512).
+CPU_MATH_MAX_LEN = 256
+
+
+def _causal_sdpa(q, k, v, dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
+    def attend():
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=gqa
+        )
+
+    if q.device.type == "cpu" and q.shape[2] <= CPU_MATH_MAX_LEN:
+        with sdpa_kernel(SDPBackend.MATH):
+            return attend()
+    return attend()
+
+
+def packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """No mask for a row without padding (records are separated by ``position_ids``); otherwise
+    the mask transformers builds for sdpa."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)

@@ -1,0 +1,61 @@
+"""LoRA dropout whose random bits are cheap on a CPU.
+
+Contract: ``BitsDropout(p)`` is ``torch.nn.Dropout(p)`` in distribution and in its gradient: in
+training each element is kept with probability 1 - p (to within 2**-32) and scaled by 1 / (1 - p),
+and the backward applies the same mask and scale; in eval, or on a GPU, it is ``nn.Dropout``
+itself. The mask comes from 32 random bits per element drawn with NumPy's SFC64 generator, seeded
+for every call from torch's default generator, so ``set_seed`` and the Trainer's saved RNG states
+make runs and resumed runs repeat exactly.
+
+Why: PyTorch's CPU dropout draws its mask with a Mersenne twister at ~7 ns per element. With LoRA
+on the seven projections of every layer that is 35,000 draws per token, about 15% of a training
+step of a small model; SFC64 raw bits take a third of that time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+
+
+class _MaskedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+class BitsDropout(torch.nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1:
+            return torch.zeros_like(x)
+        seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
+        count = x.numel()
+        bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
+        # An element is dropped when its 32 random bits, read as a signed integer, fall in the
+        # lowest p share of the int32 range.
+        keep = torch.from_numpy(bits).view(x.shape) >= round(self.p * 2**32) - 2**31
+        return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+def use_bits_dropout(model: torch.nn.Module) -> int:
+    """Give every LoRA layer of a PEFT model a ``BitsDropout`` of the same p; returns how many."""
+    replaced = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, dropout in module.lora_dropout.items():
+            if type(dropout) is torch.nn.Dropout:
+                module.lora_dropout[name] = BitsDropout(dropout.p)
+                replaced += 1
+    return replaced
