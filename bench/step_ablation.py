@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""What each part of llama-sft's training step buys: one change turned off at a time.
+
+Times the forward and backward of the same micro-batch of 8 records (the first 8 of the
+benchmark's training data, the default workload of train_bench.py) under llama-sft's default
+CPU path, then with one of its changes undone, the variants interleaved and repeated so that
+every one sees the same machine, and reports the median time and tokens/s of each:
+
+    all                 the default path: packed row, record-by-record attention, BitsDropout,
+                        labelled-only lm_head, cross-entropy gradient in the forward, our autocast
+    -packing            right-padded batch of 8 with a padding mask (what the original does)
+    -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
+    -bits-dropout       torch.nn.Dropout for LoRA
+    -labelled-lm_head   logits at every position (labels -100 where the prompt is)
+    -fused-ce           torch's cross_entropy on the logits (float32 upcast, as usual)
+    -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
+
+The optimizer step is the same for every variant and is left out.
+
+    python bench/step_ablation.py [--quick] [--reps 8] [--out bench/results/ablation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import train_bench
+
+VARIANTS = (
+    "all",
+    "-packing",
+    "-packed-attention",
+    "-bits-dropout",
+    "-labelled-lm_head",
+    "-fused-ce",
+    "-own-autocast",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="The quick model of train_bench.py.")
+    p.add_argument("--reps", type=int, default=8, help="Timed repetitions of every variant.")
+    p.add_argument("--records", type=int, default=8, help="Records in the micro-batch.")
+    p.add_argument("--out", default=str(train_bench.HERE / "results" / "ablation.json"))
+    return p.parse_args(argv)
+
+
+def set_lora_dropout(model, cls) -> None:
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    module.lora_dropout[name] = cls(dropout.p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+    from transformers import AutoModelForCausalLM
+
+    from llama_sft.args import LoraArguments
+    from llama_sft.attention import PACKED_SDPA
+    from llama_sft.collate import Collator
+    from llama_sft.dropout import BitsDropout
+    from llama_sft.encode import IGNORE_INDEX, encode_records
+    from llama_sft.model import attach_lora
+    from llama_sft.packing import PackingCollator
+    from llama_sft.records import load_records
+    from llama_sft.templates import load_template
+    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.trainer import LabelledCrossEntropy
+
+    args = parse_args(argv)
+    bench_args = train_bench.parse_args(["--quick"] if args.quick else [])
+    with tempfile.TemporaryDirectory(prefix="llama-sft-ablation-") as tmp:
+        w = train_bench.prepare_workload(bench_args, Path(tmp))
+        tokenizer = TextTokenizer.load(w["tokenizer"])
+        records = load_records(w["train_json"])[: args.records]
+        data, _ = encode_records(records, load_template("alpaca"), tokenizer, w["max_seq_length"])
+        examples = [data[i] for i in range(len(data))]
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(
+            w["model"], dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    lora = LoraArguments(
+        trainable=",".join(train_bench.PROJECTIONS),
+        lora_rank=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        modules_to_save="embed_tokens,lm_head",
+    )
+    model = attach_lora(base, lora).train()
+    config = model.get_base_model().config
+    packed, padded = PackingCollator()(examples), Collator(tokenizer.pad_id)(examples)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+
+    def step(variant: str) -> None:
+        config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
+        set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
+        inputs = dict(padded if variant == "-packing" else packed)
+        targets = inputs.pop("labels")[:, 1:]
+        if variant == "-labelled-lm_head":
+            keep = torch.arange(targets.shape[1])
+        else:
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+        own = variant != "-own-autocast"
+        with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model, active=own):
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        if not own:
+            logits = logits.float()
+        flat, picked = logits.flatten(0, 1), targets[:, keep].flatten()
+        if variant == "-fused-ce":
+            loss = torch.nn.functional.cross_entropy(flat.float(), picked, reduction="sum")
+        else:
+            loss = LabelledCrossEntropy.apply(flat, picked)
+        (loss / max(1, int((picked != IGNORE_INDEX).sum()))).backward()
+        model.zero_grad(set_to_none=True)
+
+    times = {v: [] for v in VARIANTS}
+    for variant in VARIANTS:
+        step(variant)  # warm-up: oneDNN primitives, allocator
+    for _ in range(args.reps):
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            step(variant)
+            times[variant].append(time.perf_counter() - start)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    rows = [
+        {
+            "variant": v,
+            "median_ms": round(median[v] * 1000, 1),
+            "min_ms": round(min(times[v]) * 1000, 1),
+            "tokens_per_s": round(tokens / median[v], 1),
+            "slowdown": round(median[v] / median["all"], 3),
+        }
+        for v in VARIANTS
+    ]
+    print(f"{args.records} records, {tokens} tokens, forward + backward, median of {args.reps}:")
+    print(f"{'variant':20s} {'median ms':>10s} {'min ms':>8s} {'tokens/s':>9s} {'x all':>6s}")
+    for r in rows:
+        print(
+            f"{r['variant']:20s} {r['median_ms']:10.1f} {r['min_ms']:8.1f} {r['tokens_per_s']:9.1f} "
+            f"{r['slowdown']:6.2f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"records": args.records, "tokens": tokens, "reps": args.reps, "quick": args.quick, "rows": rows}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
