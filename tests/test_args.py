@@ -83,3 +83,26 @@ def test_deepspeed_config_that_is_not_json(tmp_path):
     bad.write_text("{stage: 2")
     with pytest.raises(ArgumentError, match="deepspeed"):
         parse_train_args(["--model_name_or_path", "M", "--deepspeed", str(bad)])
+
+
+def test_bf16_without_deepspeed_is_our_own_autocast():
+    """--bf16 (or --fp16 on a CPU with bf16 units) reaches the Trainer as our autocast, so
+    accelerate does not copy the logits to float32; with DeepSpeed the flags stay DeepSpeed's."""
+    import torch
+
+    from llama_sft.train import cpu_supports_bf16, parse_for_this_machine
+    from llama_sft.trainer import SftTrainer
+
+    base = ["--model_name_or_path", "M", "--output_dir", "O", "--dataset_dir", "D"]
+    args = parse_for_this_machine(base + ["--fp16"])
+    t = args.training
+    assert not t.fp16 and not t.bf16 and t.mixed_precision == "no"
+    assert t.bf16_autocast == cpu_supports_bf16()
+    with_ds = parse_for_this_machine(base + ["--bf16", "--deepspeed", DS_CONFIG]).training
+    assert not with_ds.bf16_autocast
+
+    trainer = SftTrainer.__new__(SftTrainer)  # only the autocast choice is exercised
+    trainer.args, trainer.autocast_dtype = t, torch.bfloat16
+    with trainer.autocast_smart_context_manager():
+        out = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert out.dtype == torch.bfloat16

@@ -127,7 +127,8 @@ def parse_for_this_machine(argv: list[str]) -> TrainArgs:
     argv = translate_legacy(expand_config(list(argv)))
     argv += setup_cpu_deepspeed(argv)
     if not torch.cuda.is_available():
-        probe = parse_train_args(argv)
+        # The probe only reads the flags; without use_cpu, transformers refuses --bf16 here.
+        probe = parse_train_args(argv + ["--use_cpu", "True"])
         if not probe.training.deepspeed:
             # Without it, transformers refuses --bf16 on a CPU-only machine.
             argv += ["--use_cpu", "True"]
