@@ -111,3 +111,25 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch):
         padded = model(input_ids=plain, attention_mask=mask).logits
         assert torch.allclose(padded[mask.bool()], reference[2][mask.bool()], atol=1e-5, rtol=0)
     model.config._attn_implementation = "sdpa"
+
+
+def test_packed_attention_with_grouped_kv_heads_and_a_long_record():
+    """Grouped key/value heads (as in LLaMA-2 70B), and a record longer than the CPU math-kernel
+    limit, which goes to the flash kernel: still equal to sdpa with the block-diagonal mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_sft.attention import CPU_MATH_MAX_LEN
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    batch = PackingCollator()(examples([(CPU_MATH_MAX_LEN + 40, 10), (7, 2), (50, 5)], seed=4))
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        reference = model(**inputs).logits
+        model.config._attn_implementation = PACKED_SDPA
+        assert torch.allclose(model(**inputs).logits, reference, atol=1e-5, rtol=0)
