@@ -111,3 +111,14 @@ def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path):
     for name, value in expected.items():
         assert torch.allclose(got[name], value, atol=1e-5), name
     assert abs(loss.item() - reference_model(**padded, use_cache=False).loss.item()) < 1e-5
+
+
+def test_cross_entropy_without_grad_gives_the_same_loss():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(50, 30, generator=g)
+    targets = torch.randint(0, 30, (50,), generator=g)
+    targets[:5] = -100
+    with torch.no_grad():
+        loss = LabelledCrossEntropy.apply(logits, targets)
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    assert torch.allclose(loss, ref, rtol=1e-6)

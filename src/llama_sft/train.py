@@ -21,7 +21,7 @@ from pathlib import Path
 
 # oneDNN (bfloat16 products on a CPU) caches a compiled kernel per matrix shape: 1,024 by default in
 # PyTorch's ideep layer and in oneDNN itself. Packed rows have a new length every step, so those
-# caches grew RSS by ~20 MB a step (1.34 -> 2.08 GB over 30 steps of the benchmark). 128 holds every
+# caches grew RSS by ~20 MB a step (1.31 -> 2.03 GiB over 30 steps of the benchmark). 128 holds every
 # shape of a step; read lazily at the first product, so setting them here, before any, is in time.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")

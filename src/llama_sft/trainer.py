@@ -40,7 +40,8 @@ class LabelledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grad = torch.empty_like(logits)
+        wants_grad = ctx.needs_input_grad[0]  # False in evaluation: the loss alone
+        grad = torch.empty_like(logits) if wants_grad else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
             end = min(start + CE_CHUNK_ROWS, logits.shape[0])
@@ -49,6 +50,8 @@ class LabelledCrossEntropy(torch.autograd.Function):
             log_probs = torch.log_softmax(logits[start:end].float(), dim=-1)
             picked = log_probs.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
             total -= (picked * valid).sum()
+            if not wants_grad:
+                continue
             probs = log_probs.exp_()
             rows = valid.nonzero().squeeze(1)
             probs[rows, target[rows]] -= 1.0
