@@ -45,7 +45,7 @@ TRL_SETTINGS = {
     "trl-bs8-chunked-nll": {"batch": 8, "accum": 1, "loss_type": "chunked_nll"},
     "trl-bs1-ga8-bf16": {"batch": 1, "accum": 8, "bf16": True},
 }
-TRL_BEST = "trl-bs1-ga8"
+TRL_BEST = "trl-bs8-padding-free"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED = 42
 
@@ -363,7 +363,9 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
     model = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
     settings = {
         **trainer_settings(w, batch, accum, os.path.join(w["scratch"], "out-trl")),
-        "max_length": w["max_seq_length"],
+        # TRL refuses padding_free with max_length unless it packs (which would change the records
+        # of a step); without max_length it does not truncate, so only records over the limit differ.
+        "max_length": None if padding_free else w["max_seq_length"],
         "completion_only_loss": True,
         "padding_free": padding_free,
         "loss_type": loss_type,
