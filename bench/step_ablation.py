@@ -52,17 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def set_lora_dropout(model, cls) -> None:
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, dropout in module.lora_dropout.items():
-                if isinstance(dropout, torch.nn.Dropout):
-                    module.lora_dropout[name] = cls(dropout.p)
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch
     from peft.helpers import disable_input_dtype_casting
@@ -71,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.args import LoraArguments
     from llama_sft.attention import PACKED_SDPA
     from llama_sft.collate import Collator
-    from llama_sft.dropout import BitsDropout
+    from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
     from llama_sft.model import attach_lora
     from llama_sft.packing import PackingCollator

@@ -20,13 +20,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .packing import record_starts
+
 PACKED_SDPA = "llama_sft_packed_sdpa"
-
-
-def record_bounds(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the records in one packed row of ``position_ids`` (shape (1, n)), then n."""
-    starts = (position_ids[0] == 0).nonzero().squeeze(-1).tolist()
-    return starts + [position_ids.shape[-1]]
 
 
 def packed_sdpa_forward(
@@ -47,7 +43,7 @@ def packed_sdpa_forward(
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
-    bounds = record_bounds(position_ids) if packed else []
+    bounds = record_starts(position_ids) if packed else []
     if not bounds or bounds[0] != 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -48,14 +48,19 @@ class BitsDropout(torch.nn.Dropout):
         return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
 
-def use_bits_dropout(model: torch.nn.Module) -> int:
-    """Give every LoRA layer of a PEFT model a ``BitsDropout`` of the same p; returns how many."""
-    replaced = 0
+def set_lora_dropout(model: torch.nn.Module, dropout_class: type[torch.nn.Dropout]) -> int:
+    """Give every LoRA dropout of a PEFT model the class ``dropout_class`` with the same p (LoRA
+    without dropout keeps its ``nn.Identity``); returns how many were set."""
+    count = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         for name, dropout in module.lora_dropout.items():
-            if type(dropout) is torch.nn.Dropout:
-                module.lora_dropout[name] = BitsDropout(dropout.p)
-                replaced += 1
-    return replaced
+            if isinstance(dropout, torch.nn.Dropout):
+                module.lora_dropout[name] = dropout_class(dropout.p)
+                count += 1
+    return count
+
+
+def use_bits_dropout(model: torch.nn.Module) -> int:
+    return set_lora_dropout(model, BitsDropout)

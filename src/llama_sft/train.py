@@ -127,10 +127,9 @@ def parse_for_this_machine(argv: list[str]) -> TrainArgs:
     argv = translate_legacy(expand_config(list(argv)))
     argv += setup_cpu_deepspeed(argv)
     if not torch.cuda.is_available():
-        # The probe only reads the flags; without use_cpu, transformers refuses --bf16 here.
+        # Without use_cpu, transformers refuses --bf16 on a CPU-only machine (the probe only reads flags).
         probe = parse_train_args(argv + ["--use_cpu", "True"])
         if not probe.training.deepspeed:
-            # Without it, transformers refuses --bf16 on a CPU-only machine.
             argv += ["--use_cpu", "True"]
         argv += plan_cpu_precision(probe)
     args = parse_train_args(argv)
