@@ -12,7 +12,9 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
     -labelled-lm_head   logits at every position (labels -100 where the prompt is)
+    -fused-head         the model's lm_head makes the logits; the loss alone is fused
     -fused-ce           torch's cross_entropy on the logits (float32 upcast, as usual)
+    -base-dtype-residual  the float32 embedding's output left in float32 (so the residual stream)
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
 
 The optimizer step is the same for every variant and is left out.
@@ -38,7 +40,9 @@ VARIANTS = (
     "-packed-attention",
     "-bits-dropout",
     "-labelled-lm_head",
+    "-fused-head",
     "-fused-ce",
+    "-base-dtype-residual",
     "-own-autocast",
 )
 
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="The quick model of train_bench.py.")
     p.add_argument("--reps", type=int, default=8, help="Timed repetitions of every variant.")
     p.add_argument("--records", type=int, default=8, help="Records in the micro-batch.")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="Comma list of variants to time.")
     p.add_argument("--out", default=str(train_bench.HERE / "results" / "ablation.json"))
     return p.parse_args(argv)
 
@@ -62,12 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.collate import Collator
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
-    from llama_sft.model import attach_lora
+    from llama_sft.model import attach_lora, keep_residual_in_base_dtype
     from llama_sft.packing import PackingCollator
     from llama_sft.records import load_records
     from llama_sft.templates import load_template
     from llama_sft.tokenizer import TextTokenizer
-    from llama_sft.trainer import LabelledCrossEntropy
+    from llama_sft.trainer import LabelledCrossEntropy, head_weight, labelled_loss_sum
 
     args = parse_args(argv)
     bench_args = train_bench.parse_args(["--quick"] if args.quick else [])
@@ -93,17 +98,28 @@ def main(argv: list[str] | None = None) -> None:
     packed, padded = PackingCollator()(examples), Collator(tokenizer.pad_id)(examples)
     tokens = sum(len(e["input_ids"]) for e in examples)
 
+    residual_hook = [None]
+
     def step(variant: str) -> None:
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
+        if residual_hook[0] is not None:
+            residual_hook[0].remove()  # attach_lora's, then the one made here
+        residual_hook[0] = None if variant == "-base-dtype-residual" else keep_residual_in_base_dtype(model)
         inputs = dict(padded if variant == "-packing" else packed)
-        targets = inputs.pop("labels")[:, 1:]
-        if variant == "-labelled-lm_head":
-            keep = torch.arange(targets.shape[1])
-        else:
-            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
         own = variant != "-own-autocast"
+        unfused = variant in ("-labelled-lm_head", "-fused-head", "-fused-ce", "-own-autocast")
         with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model, active=own):
+            if not unfused:
+                loss, count, _ = labelled_loss_sum(model, inputs, head_weight(model))
+                (loss / count).backward()
+                model.zero_grad(set_to_none=True)
+                return
+            targets = inputs.pop("labels")[:, 1:]
+            if variant == "-labelled-lm_head":
+                keep = torch.arange(targets.shape[1])
+            else:
+                keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
             logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
         if not own:
             logits = logits.float()
@@ -115,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         (loss / max(1, int((picked != IGNORE_INDEX).sum()))).backward()
         model.zero_grad(set_to_none=True)
 
-    times = {v: [] for v in VARIANTS}
-    for variant in VARIANTS:
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    times = {v: [] for v in variants}
+    for variant in variants:
         step(variant)  # warm-up: oneDNN primitives, allocator
     for _ in range(args.reps):
-        for variant in VARIANTS:
+        for variant in variants:
             start = time.perf_counter()
             step(variant)
             times[variant].append(time.perf_counter() - start)
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens_per_s": round(tokens / median[v], 1),
             "slowdown": round(median[v] / median["all"], 3),
         }
-        for v in VARIANTS
+        for v in variants
     ]
     print(f"{args.records} records, {tokens} tokens, forward + backward, median of {args.reps}:")
     print(f"{'variant':20s} {'median ms':>10s} {'min ms':>8s} {'tokens/s':>9s} {'x all':>6s}")

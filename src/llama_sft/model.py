@@ -172,6 +172,27 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
     return model
 
 
+def keep_residual_in_base_dtype(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
+    """Under autocast, cast the trainable (float32) embedding's output to the frozen layers' dtype.
+
+    Without it a bfloat16 model with ``embed_tokens`` in ``modules_to_save`` runs its whole residual
+    stream, norms and rotary embeddings in float32: every projection casts its input again, and
+    the saved activations take twice the memory, unlike the same model without LoRA. Without
+    autocast the output is left alone (float32 LoRA and ``modules_to_save`` need float32 inputs).
+    """
+    frozen = next(
+        (p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None
+    )
+    embedding = model.get_input_embeddings()
+    if frozen is None or frozen == torch.float32 or not any(p.requires_grad for p in embedding.parameters()):
+        return None
+
+    def cast(module, args, output):
+        return output.to(frozen) if torch.is_autocast_enabled(output.device.type) else output
+
+    return embedding.register_forward_hook(cast)
+
+
 def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
     given = {
         "r": lora.lora_rank,

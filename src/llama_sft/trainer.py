@@ -5,11 +5,14 @@ token cross-entropy over every labelled token of the global batch (all gradient-
 micro-batches and all processes together, as transformers normalises with
 ``num_items_in_batch``), computed with less work and memory:
 
-1. the vocabulary projection (``lm_head``) runs only at positions whose next label is not -100,
-   through the model's own ``logits_to_keep`` argument; with a 55,296-row vocabulary that
-   projection is about half the FLOPs of a small model, and prompts are a third of the tokens;
-2. the cross-entropy and its gradient are computed together, chunk by chunk, from the logits in
-   their own dtype: no float32 copy of the logits, and only the gradient is kept for the backward;
+1. the vocabulary projection (``lm_head``) runs only at positions whose next label is not -100;
+   with a 55,296-row vocabulary that projection is about half the FLOPs of a small model, and
+   prompts are a third of the tokens;
+2. the projection, the cross-entropy and their gradients are computed together in the forward
+   (``LabelledHeadCrossEntropy``): the logits become their own gradient in place, chunk by chunk in
+   their dtype, and are freed before the backward; no float32 copy of them is made. An output
+   projection that is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a ZeRO-3 shard) keeps the
+   model's own, and only the loss is fused (``LabelledCrossEntropy``);
 3. a packed row longer than ``max_tokens_per_pass`` is trained in pieces of whole records
    (``packing.split_packed``), each forward and backward in turn, within one optimizer step.
 """
@@ -17,10 +20,13 @@ micro-batches and all processes together, as transformers normalises with
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import torch
+import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
+from peft.utils import ModulesToSaveWrapper
+from transformers import Trainer, TrainerCallback
 
 from .encode import IGNORE_INDEX
 from .packing import split_packed
@@ -30,34 +36,46 @@ from .packing import split_packed
 CE_CHUNK_ROWS = 16
 
 
+def cross_entropy_chunks(
+    logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None
+) -> torch.Tensor:
+    """Summed cross-entropy of ``logits`` (n, vocab) against ``targets`` (n,), -100 ignored; with
+    ``grad`` given, also writes softmax - one_hot(target) there (zero on ignored rows), in its dtype.
+
+    One log-softmax per chunk of rows yields both. ``grad`` may be ``logits`` itself: each chunk is
+    read (as a float32 copy) before it is overwritten.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
+        end = min(start + CE_CHUNK_ROWS, logits.shape[0])
+        target = targets[start:end]
+        valid = target != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits[start:end].float(), dim=-1)
+        picked = log_probs.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+        total -= (picked * valid).sum()
+        if grad is None:
+            continue
+        probs = log_probs.exp_()
+        rows = valid.nonzero().squeeze(1)
+        probs[rows, target[rows]] -= 1.0
+        if rows.numel() < end - start:
+            probs[~valid] = 0.0
+        grad[start:end] = probs
+    return total
+
+
 class LabelledCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``logits`` (n, vocab) against ``targets`` (n,), -100 ignored.
 
-    The gradient (softmax - one_hot(target), zero on ignored rows) is computed in the forward, chunk
-    by chunk from one log-softmax, and kept in the logits' dtype instead of the logits: the backward
-    only scales it. That is one pass over the logits fewer and no float32 copy of them.
+    The gradient is computed in the forward (``cross_entropy_chunks``) and kept in the logits'
+    dtype instead of the logits: the backward only scales it. That is one pass over the logits
+    fewer and no float32 copy of them.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        wants_grad = ctx.needs_input_grad[0]  # False in evaluation: the loss alone
-        grad = torch.empty_like(logits) if wants_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
-            end = min(start + CE_CHUNK_ROWS, logits.shape[0])
-            target = targets[start:end]
-            valid = target != IGNORE_INDEX
-            log_probs = torch.log_softmax(logits[start:end].float(), dim=-1)
-            picked = log_probs.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
-            total -= (picked * valid).sum()
-            if not wants_grad:
-                continue
-            probs = log_probs.exp_()
-            rows = valid.nonzero().squeeze(1)
-            probs[rows, target[rows]] -= 1.0
-            if rows.numel() < end - start:
-                probs[~valid] = 0.0
-            grad[start:end] = probs
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # no grad in evaluation
+        total = cross_entropy_chunks(logits, targets, grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -70,16 +88,80 @@ class LabelledCrossEntropy(torch.autograd.Function):
         return grad.mul_(float(grad_loss)), None
 
 
-def labelled_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
-    """(summed loss, number of labelled tokens, model outputs) of one batch; ``inputs`` holds labels."""
+class LabelledHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden`` (n, d) projected by ``weight`` (vocab, d), against
+    ``targets`` (n,), -100 ignored: the output projection and the loss in one.
+
+    The forward computes the logits (under the caller's autocast, as the model's ``lm_head``
+    would), overwrites them with their gradient, turns that into the gradients of ``hidden`` and
+    ``weight`` and frees it, so one (n, vocab) buffer exists for a moment and none is kept for the
+    backward, which only scales the two small gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        logits = F.linear(hidden, weight)
+        total = cross_entropy_chunks(logits, targets, logits if need_hidden or need_weight else None)
+        grad_hidden = torch.matmul(logits, weight).to(hidden.dtype) if need_hidden else None
+        grad_weight = None
+        if need_weight:
+            low = torch.matmul(logits.t(), hidden)
+            del logits  # before the float32 copy of the weight gradient is made
+            grad_weight = low.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        scale = float(grad_loss)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden.mul_(scale),
+            None if grad_weight is None else grad_weight.mul_(scale),
+            None,
+        )
+
+
+def head_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The weight of the model's output projection when it is a plain bias-free ``nn.Linear``
+    (also inside PEFT's ``modules_to_save``); None when it is anything else (a LoRA layer, say)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, ModulesToSaveWrapper):
+        if head.disable_adapters or head.active_adapter not in head.modules_to_save:
+            head = head.original_module
+        else:
+            head = head.modules_to_save[head.active_adapter]
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return None
+
+
+def labelled_loss_sum(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], weight: torch.nn.Parameter | None = None
+):
+    """(summed loss, number of labelled tokens, model outputs) of one batch; ``inputs`` holds labels.
+
+    With ``weight``, the output projection's weight (``head_weight``), the model stops at its last
+    hidden state and ``LabelledHeadCrossEntropy`` projects and scores it; otherwise the model
+    computes the logits and ``LabelledCrossEntropy`` scores them.
+    """
     inputs = dict(inputs)
     targets = inputs.pop("labels")[:, 1:]
     # Sequence positions whose next token is labelled in at least one row: the only logits needed.
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     picked = targets[:, keep]
-    loss = LabelledCrossEntropy.apply(outputs.logits.flatten(0, 1), picked.flatten())
-    return loss, (picked != IGNORE_INDEX).sum(), outputs
+    count = (picked != IGNORE_INDEX).sum()
+    if weight is None:
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        loss = LabelledCrossEntropy.apply(outputs.logits.flatten(0, 1), picked.flatten())
+        return loss, count, outputs
+    # No logits from the model (its lm_head sees no position and, off the loss, gets no backward).
+    outputs = model(**inputs, logits_to_keep=keep[:0], output_hidden_states=True, use_cache=False)
+    hidden = outputs.hidden_states[-1][:, keep]
+    loss = LabelledHeadCrossEntropy.apply(hidden.flatten(0, 1), weight, picked.flatten())
+    return loss, count, outputs
 
 
 class SftTrainer(Trainer):
@@ -104,6 +186,13 @@ class SftTrainer(Trainer):
             return super().autocast_smart_context_manager(cache_enabled)
         return torch.autocast(self.args.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
+    def fused_head_weight(self, model: torch.nn.Module) -> torch.nn.Parameter | None:
+        # Under ZeRO-3 the weight is a shard, gathered only inside the lm_head's own forward.
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if plugin is not None and plugin.zero_stage == 3:
+            return None
+        return head_weight(self.accelerator.unwrap_model(model))
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         pieces = split_packed(inputs, None if self.is_deepspeed_enabled else self.max_tokens_per_pass)
         if len(pieces) == 1:
@@ -122,7 +211,7 @@ class SftTrainer(Trainer):
         # Under our autocast, PEFT's cast of every LoRA input to float32 is a copy that autocast
         # undoes before the LoRA product; without it LoRA dropout also runs on half the bytes.
         with disable_input_dtype_casting(model, active=self.autocast_dtype is not None):
-            loss, count, outputs = labelled_loss_sum(model, inputs)
+            loss, count, outputs = labelled_loss_sum(model, inputs, self.fused_head_weight(model))
         if num_items_in_batch is None:
             loss = loss / count.clamp_min(1)
         else:
@@ -131,3 +220,23 @@ class SftTrainer(Trainer):
                 # The count covers every process while DDP averages gradients over them.
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+class ReturnFreedMemory(TrainerCallback):
+    """After every optimizer step, give the pages of freed tensors back to the system (glibc's
+    ``malloc_trim``); a no-op where the C library has no such call.
+
+    Why: packed rows change length every step, so activations of new sizes land in new places of
+    glibc's heap, and the holes left by earlier steps stay resident: over 14 steps of the benchmark,
+    peak RSS rose to ~2.47 GB with it and stayed at ~2.33 GB without it, at the same speed within noise.
+    """
+
+    def __init__(self):
+        try:
+            self.trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError, TypeError):
+            self.trim = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trim is not None:
+            self.trim(0)
