@@ -5,10 +5,19 @@ import os
 import pytest
 import torch
 
+from llama_sft.args import LoraArguments
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
+from llama_sft.model import attach_lora, keep_residual_in_base_dtype
 from llama_sft.packing import PackingCollator
-from llama_sft.trainer import LabelledCrossEntropy, SftTrainer, labelled_loss_sum
+from llama_sft.trainer import (
+    LabelledCrossEntropy,
+    LabelledHeadCrossEntropy,
+    ReturnFreedMemory,
+    SftTrainer,
+    head_weight,
+    labelled_loss_sum,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 97
@@ -122,3 +131,104 @@ def test_cross_entropy_without_grad_gives_the_same_loss():
         loss = LabelledCrossEntropy.apply(logits, targets)
     ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     assert torch.allclose(loss, ref, rtol=1e-6)
+
+
+def test_fused_head_loss_and_gradients_match_torch():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(70, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (70,), generator=g)
+    targets[::5] = -100
+    targets[16:32] = -100  # a whole chunk of ignored rows
+    ours = LabelledHeadCrossEntropy.apply(hidden, weight, targets)
+    got = torch.autograd.grad(ours * 0.5, (hidden, weight))
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    expected = torch.autograd.grad(ref * 0.5, (hidden, weight))
+    assert torch.allclose(ours, ref, rtol=1e-6)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(LabelledHeadCrossEntropy.apply(hidden, weight, targets), ref, rtol=1e-6)
+
+
+def test_fused_head_under_bfloat16_autocast_keeps_float32_weight_gradient():
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(48, 32, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(300, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (48,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = LabelledHeadCrossEntropy.apply(hidden, weight, targets)
+    grad_hidden, grad_weight = torch.autograd.grad(ours / 48, (hidden, weight))
+    exact_hidden = hidden.detach().float().requires_grad_()
+    exact_weight = weight.detach().bfloat16().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(exact_hidden @ exact_weight.t(), targets)
+    ref_hidden, ref_weight = torch.autograd.grad(ref, (exact_hidden, exact_weight))
+    assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    # bfloat16 logits (8 bits of mantissa) against float32 ones.
+    assert abs(ours.item() / 48 - ref.item()) < 0.02
+    assert (grad_weight - ref_weight).abs().max() < 0.02 * ref_weight.abs().max()
+    assert (grad_hidden.float() - ref_hidden).abs().max() < 0.02 * ref_hidden.abs().max()
+
+
+def lora_model(folder, modules_to_save="embed_tokens,lm_head", trainable="q_proj,v_proj"):
+    torch.manual_seed(0)
+    lora = LoraArguments(
+        trainable=trainable, lora_rank=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=modules_to_save
+    )
+    return attach_lora(load(folder), lora)
+
+
+def test_head_weight_is_the_trained_copy_or_none(folder):
+    model = lora_model(folder)
+    weight = head_weight(model)
+    trained = model.get_output_embeddings().modules_to_save["default"].weight
+    assert weight is trained and weight.requires_grad
+    assert head_weight(lora_model(folder, modules_to_save="null")).requires_grad is False
+    assert head_weight(lora_model(folder, modules_to_save="embed_tokens", trainable="q_proj,lm_head")) is None
+
+
+def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):
+    records = examples([(20, 8), (11, 4), (33, 10), (6, 2)], seed=5)
+    batch = PackingCollator()(records)
+    results = []
+    for fused in (True, False):
+        model = lora_model(folder)
+        total, count, _ = labelled_loss_sum(model, batch, head_weight(model) if fused else None)
+        (total / count).backward()
+        results.append((total.item(), grads(model)))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    assert abs(fused_loss - plain_loss) < 1e-4
+    assert fused_grads.keys() == plain_grads.keys() and any("lm_head" in k for k in fused_grads)
+    for name, value in plain_grads.items():
+        assert torch.allclose(fused_grads[name], value, atol=1e-6), name
+
+
+def test_bfloat16_base_runs_its_residual_in_bfloat16_under_autocast(folder):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    lora = LoraArguments(trainable="q_proj", lora_rank=4, modules_to_save="embed_tokens,lm_head")
+    model = attach_lora(base, lora)
+    assert model.get_input_embeddings().modules_to_save["default"].weight.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert keep_residual_in_base_dtype(model) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert before[0].dtype == torch.float32 and all(h.dtype == torch.bfloat16 for h in after)
+    # Without autocast the float32 copy's output is left alone.
+    assert model.get_input_embeddings()(ids).dtype == torch.float32
+    assert keep_residual_in_base_dtype(lora_model(folder)) is None  # a float32 base
+
+
+def test_freed_memory_is_returned_after_every_step(monkeypatch):
+    callback = ReturnFreedMemory()
+    if callback.trim is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    calls = []
+    monkeypatch.setattr(callback, "trim", lambda pad: calls.append(pad) or 1)
+    callback.on_step_end(None, None, None)
+    callback.on_step_end(None, None, None)
+    assert calls == [0, 0]
+    assert ReturnFreedMemory().trim(0) in (0, 1)  # the real call: 1 when memory was released
