@@ -151,6 +151,21 @@ def test_fused_head_loss_and_gradients_match_torch():
         assert torch.allclose(LabelledHeadCrossEntropy.apply(hidden, weight, targets), ref, rtol=1e-6)
 
 
+def test_fused_head_evaluates_in_blocks_of_rows(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(70, 16, generator=g), torch.randn(40, 16, generator=g)
+    targets = torch.randint(0, 40, (70,), generator=g)
+    targets[:9] = -100
+    made = []
+    monkeypatch.setattr("llama_sft.trainer.EVAL_ROWS", 32)
+    monkeypatch.setattr("llama_sft.trainer.F.linear", lambda x, w: made.append(len(x)) or x @ w.t())
+    with torch.no_grad():
+        loss = LabelledHeadCrossEntropy.apply(hidden, weight, targets)
+    assert made == [32, 32, 6]
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    assert torch.allclose(loss, ref, rtol=1e-6)
+
+
 def test_fused_head_under_bfloat16_autocast_keeps_float32_weight_gradient():
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(48, 32, generator=g).bfloat16().requires_grad_()

@@ -110,8 +110,9 @@ def estimate_memory(
         "gradients": trainable * 4 // (shard if zero >= 2 else 1),
         "AdamW state": trainable * 8 // (shard if zero >= 1 else 1),
         "activations": activations,
-        # Logits, their gradient and one float32 chunk of the loss, at labelled positions only.
-        "vocabulary projection": labelled_tokens_per_pass * vocab * logit_bytes * 2 + 128 * vocab * 4 * 2,
+        # At labelled positions only: one buffer of logits that become their own gradient, the
+        # output weight's gradient in the compute dtype before its float32 copy, float32 loss chunks.
+        "vocabulary projection": (labelled_tokens_per_pass + h) * vocab * logit_bytes + 2 * 16 * vocab * 4,
         "runtime": RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
     }
     return MemoryPlan(parts, tokens_per_pass)
