@@ -5,7 +5,9 @@ one row per tokenizer id (resized up when the tokenizer is larger; an error when
 ``attach_lora(model, lora_args)`` returns a ``PeftModel`` whose trainable parameters are exactly
 the LoRA matrices and ``modules_to_save``, in float32, with the base frozen, and LoRA dropout
 drawn by ``dropout.BitsDropout`` (the same distribution, cheaper on a CPU). With ``peft_path`` the
-saved adapter is loaded trainable and its own configuration wins.
+saved adapter is loaded trainable and its own configuration wins. ``keep_residual_in_base_dtype``
+then casts a trained float32 embedding's output to the base dtype under autocast, so the layers
+run in that dtype as they do without LoRA.
 """
 
 from __future__ import annotations

@@ -112,13 +112,13 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
                 for rows, wanted in zip(hidden.split(EVAL_ROWS), targets.split(EVAL_ROWS), strict=True)
             )
         logits = F.linear(hidden, weight)
-        total = cross_entropy_chunks(logits, targets, logits if need_hidden or need_weight else None)
+        total = cross_entropy_chunks(logits, targets, logits)  # the logits become their gradient
         grad_hidden = torch.matmul(logits, weight).to(hidden.dtype) if need_hidden else None
         grad_weight = None
         if need_weight:
-            low = torch.matmul(logits.t(), hidden)
+            in_compute_dtype = torch.matmul(logits.t(), hidden)
             del logits  # before the float32 copy of the weight gradient is made
-            grad_weight = low.to(weight.dtype)
+            grad_weight = in_compute_dtype.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
