@@ -7,19 +7,21 @@ CPU path, then with one of its changes undone, the variants interleaved and repe
 every one sees the same machine, and reports the median time and tokens/s of each:
 
     all                 the default path: packed row, record-by-record attention, BitsDropout,
-                        labelled-only lm_head, cross-entropy gradient in the forward, our autocast
+                        labelled-only lm_head fused with the loss and both gradients in the
+                        forward, bfloat16 residual stream, our autocast
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
     -labelled-lm_head   logits at every position (labels -100 where the prompt is)
     -fused-head         the model's lm_head makes the logits; the loss alone is fused
-    -fused-ce           torch's cross_entropy on the logits (float32 upcast, as usual)
-    -base-dtype-residual  the float32 embedding's output left in float32 (so the residual stream)
+    -fused-ce           torch's cross_entropy on the model's logits (float32 upcast, as usual)
+    -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
 
 The optimizer step is the same for every variant and is left out.
 
-    python bench/step_ablation.py [--quick] [--reps 8] [--out bench/results/ablation.json]
+    python bench/step_ablation.py [--quick] [--reps 8] [--variants all,-fused-head]
+                                  [--out bench/results/ablation.json]
 """
 
 from __future__ import annotations
