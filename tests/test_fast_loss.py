@@ -200,6 +200,8 @@ def test_head_weight_is_the_trained_copy_or_none(folder):
     assert weight is trained and weight.requires_grad
     assert head_weight(lora_model(folder, modules_to_save="null")).requires_grad is False
     assert head_weight(lora_model(folder, modules_to_save="embed_tokens", trainable="q_proj,lm_head")) is None
+    model.config.model_type = "gemma2"  # its logits are soft-capped after the projection
+    assert head_weight(model) is None
 
 
 def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):

@@ -11,8 +11,9 @@ micro-batches and all processes together, as transformers normalises with
 2. the projection, the cross-entropy and their gradients are computed together in the forward
    (``LabelledHeadCrossEntropy``): the logits become their own gradient in place, chunk by chunk in
    their dtype, and are freed before the backward; no float32 copy of them is made. An output
-   projection that is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a ZeRO-3 shard) keeps the
-   model's own, and only the loss is fused (``LabelledCrossEntropy``);
+   projection that is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a ZeRO-3 shard) or an
+   architecture that changes the logits after it keeps the model's own, and only the loss is
+   fused (``LabelledCrossEntropy``);
 3. a packed row longer than ``max_tokens_per_pass`` is trained in pieces of whole records
    (``packing.split_packed``), each forward and backward in turn, within one optimizer step.
 
@@ -134,9 +135,17 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
         )
 
 
+# Architectures whose logits are exactly lm_head(last hidden state): no logit scale or soft-capping
+# after the projection (Gemma 2, Cohere and others have one), so the fused projection is the same.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3"})
+
+
 def head_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    """The weight of the model's output projection when it is a plain bias-free ``nn.Linear``
-    (also inside PEFT's ``modules_to_save``); None when it is anything else (a LoRA layer, say)."""
+    """The weight of the model's output projection when the architecture's logits are just that
+    projection and it is a plain bias-free ``nn.Linear`` (also inside PEFT's ``modules_to_save``);
+    None for anything else (a LoRA layer on ``lm_head``, another architecture)."""
+    if model.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+        return None
     head = model.get_output_embeddings()
     if isinstance(head, ModulesToSaveWrapper):
         if head.disable_adapters or head.active_adapter not in head.modules_to_save:
