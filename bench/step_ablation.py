@@ -106,14 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
         if residual_hook[0] is not None:
-            residual_hook[0].remove()  # attach_lora's, then the one made here
+            residual_hook[0].remove()  # the previous step's, so that at most one is on the model
         residual_hook[0] = None if variant == "-base-dtype-residual" else keep_residual_in_base_dtype(model)
         inputs = dict(padded if variant == "-packing" else packed)
         own = variant != "-own-autocast"
-        unfused = variant in ("-labelled-lm_head", "-fused-head", "-fused-ce", "-own-autocast")
+        own_loss = variant in ("-labelled-lm_head", "-fused-ce", "-own-autocast")
         with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model, active=own):
-            if not unfused:
-                loss, count, _ = labelled_loss_sum(model, inputs, head_weight(model))
+            if not own_loss:
+                weight = None if variant == "-fused-head" else head_weight(model)
+                loss, count, _ = labelled_loss_sum(model, inputs, weight)
                 (loss / count).backward()
                 model.zero_grad(set_to_none=True)
                 return
