@@ -392,11 +392,13 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
 
 
 def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -> dict:
+    # First, as `llama-sft train` imports it: it sets PyTorch's allocation options before anything
+    # allocates a tensor.
+    from llama_sft.train import train  # isort: skip
+
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
-
-    from llama_sft.train import train
 
     out = os.path.join(w["scratch"], f"out-llama-sft-{dtype}")
     settings = trainer_settings(w, w["global_batch"], 1, out)

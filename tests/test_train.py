@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,3 +215,45 @@ def test_bin_base_bin_adapter_template_file_and_tensorboard(
         AutoModelForCausalLM.from_pretrained(str(bin_model)), str(lora_dir)
     ).eval()
     assert eval_loss(tuned, tokenizer, data_dir / "eval.json") < 100
+
+
+ALLOCATION_PROBE = """
+import os, sys
+import llama_sft.train
+assert "torch" in sys.modules
+def huge_kib():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return -1
+import torch
+before = huge_kib()
+block = torch.ones(64 * 2**20 // 4)
+print(os.environ["THP_MEM_ALLOC_ENABLE"], os.environ["LRU_CACHE_CAPACITY"], huge_kib() - before)
+"""
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode: always, madvise, never, or '' when unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_train_sets_allocation_options_before_torch_allocates(preset):
+    # A fresh interpreter: the options only count when set before PyTorch's first allocation.
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY")}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset  # a user's own setting wins
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATION_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    thp, lru, huge_kib = result.stdout.split()
+    assert (thp, lru) == (preset or "1", "64")
+    if thp_mode() == "madvise" and int(huge_kib) >= 0:
+        # Only PyTorch's request puts the 64 MiB block (partly) in 2 MiB pages in this mode.
+        assert (int(huge_kib) >= 2048) == (preset is None)
