@@ -1,0 +1,29 @@
+"""The benchmark's bookkeeping: which repeat of a run is reported."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import train_bench  # noqa: E402
+
+
+def run(tokens_per_s: float, rss: int = 2000, loss: float = 9.99) -> dict:
+    return {"name": "llama-sft", "tokens_per_s": tokens_per_s, "peak_rss_mb": rss, "eval_loss": loss}
+
+
+def test_median_repeat_is_reported_with_every_repeat_listed():
+    chosen = train_bench.median_run([run(610.0, 2300), run(540.0, 2350), run(700.0, 2280)])
+    assert (chosen["tokens_per_s"], chosen["peak_rss_mb"]) == (610.0, 2300)
+    assert [r["tokens_per_s"] for r in chosen["repeats"]] == [610.0, 540.0, 700.0]
+
+
+def test_even_count_reports_the_slower_middle_and_skips_failures():
+    failed = {"name": "llama-sft", "error": "exit status 1"}
+    chosen = train_bench.median_run([run(700.0), failed, run(600.0)])
+    assert chosen["tokens_per_s"] == 600.0
+    assert chosen["repeats"][1] == failed
+    assert train_bench.median_run([failed]) == failed
+    assert "repeats" not in train_bench.median_run([run(650.0)])
