@@ -7,13 +7,20 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import train_argv
 from safetensors.torch import load_file
 
-from llama_sft.checkpoints import checkpoints, last_complete_checkpoint
+from llama_sft.checkpoints import (
+    SCALER_HALVINGS,
+    FiniteGradCallback,
+    TrainingStopped,
+    checkpoints,
+    last_complete_checkpoint,
+)
 from llama_sft.train import train
 
 pytestmark = pytest.mark.slow
@@ -164,3 +171,27 @@ def test_non_finite_loss(argv_for, tmp_path, policy):
         assert result.returncode == 0, result.stderr[-2000:]
         assert "step 4: the loss is not finite; skipping this batch" in result.stderr
         assert all(torch.isfinite(t).all() for t in adapter(out).values())
+
+
+@pytest.mark.parametrize("fp16,deepspeed", [(True, None), (False, None), (True, "ds_zero2_no_offload.json")])
+def test_fp16_overflow_is_left_to_the_loss_scaler(fp16, deepspeed):
+    layer = torch.nn.Linear(2, 2)
+    callback = FiniteGradCallback("stop")
+    args, state = SimpleNamespace(fp16=fp16, deepspeed=deepspeed), SimpleNamespace(global_step=0)
+
+    def step(value: float) -> None:
+        for param in layer.parameters():
+            param.grad = torch.full_like(param, value)
+        callback.on_pre_optimizer_step(args, state, None, model=layer)
+        state.global_step += 1
+
+    # Under float16 AMP a GradScaler skips overflowing steps itself while it lowers its scale.
+    scaler_in_charge = fp16 and deepspeed is None
+    tolerated = SCALER_HALVINGS if scaler_in_charge else 0
+    for _ in range(tolerated):
+        step(float("inf"))
+    step(0.5)  # a finite step: the count starts again
+    for _ in range(tolerated):
+        step(float("nan"))
+    with pytest.raises(TrainingStopped, match=f"step {2 * tolerated + 2}: the loss is NaN or infinite"):
+        step(float("nan"))

@@ -9,7 +9,9 @@ Contract:
   newest ``save_total_limit`` complete checkpoints and never deletes the one this run resumed from.
 - ``StopCallback`` turns SIGTERM/SIGINT into "finish this step, save, stop", agreed across processes.
 - ``FiniteGradCallback`` stops (or skips the step) when the gradients are not finite, before the
-  optimizer can write NaN into the adapter; the last good checkpoint is kept.
+  optimizer can write NaN into the adapter; the last good checkpoint is kept. Under float16 AMP
+  (``--fp16`` on a GPU without DeepSpeed) overflowing steps are the loss scaler's to skip, and only
+  more of them in a row than its halvings from 2**16 down to 1 count.
 """
 
 from __future__ import annotations
@@ -148,17 +150,28 @@ class StopCallback(TrainerCallback):
             signal.signal(signum, handler)
 
 
+# Under float16 AMP, PyTorch's GradScaler multiplies the loss by 2**16 at first and, when the
+# gradients overflow, skips that update itself and halves its scale: a few such steps are normal at
+# the start of a run. More in a row than the halvings down to a scale of 1 mean a non-finite loss.
+SCALER_HALVINGS = 16
+
+
 class FiniteGradCallback(TrainerCallback):
     """A NaN/inf loss makes every gradient non-finite; catch it before the optimizer step."""
 
     def __init__(self, policy: str):
         self.policy = policy
         self.skipped = 0
+        self.in_a_row = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.in_a_row = 0
             return
+        self.in_a_row += 1
+        if args.fp16 and not args.deepspeed and self.in_a_row <= SCALER_HALVINGS:
+            return  # the GradScaler skips this update and lowers its scale
         step = state.global_step + 1
         if self.policy == "skip":
             self.skipped += 1
@@ -168,7 +181,8 @@ class FiniteGradCallback(TrainerCallback):
             for param in model.parameters():
                 param.grad = None
             return
+        in_a_row = f" (and the {self.in_a_row - 1} steps before it)" if self.in_a_row > 1 else ""
         raise TrainingStopped(
-            f"step {step}: the loss is NaN or infinite, so training stopped before the update; the last good "
+            f"step {step}: the loss is NaN or infinite{in_a_row}, so training stopped before the update; the last good "
             "checkpoint is kept. Lower --learning_rate, check the data, or pass --nan_policy skip to skip such batches"
         )
