@@ -218,18 +218,20 @@ def test_bin_base_bin_adapter_template_file_and_tensorboard(
 
 
 ALLOCATION_PROBE = """
-import os, sys
+import os
 import llama_sft.train
-assert "torch" in sys.modules
 def huge_kib():
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return -1
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return -1
+    return next((int(l.split()[1]) for l in lines if l.startswith("AnonHugePages:")), -1)
 import torch
 before = huge_kib()
 block = torch.ones(64 * 2**20 // 4)
-print(os.environ["THP_MEM_ALLOC_ENABLE"], os.environ["LRU_CACHE_CAPACITY"], huge_kib() - before)
+grown = huge_kib() - before if before >= 0 else -1
+print(os.environ["THP_MEM_ALLOC_ENABLE"], os.environ["LRU_CACHE_CAPACITY"], grown)
 """
 
 

@@ -29,9 +29,10 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # The large CPU tensors of a step (logits, the float32 embedding and lm_head gradients, the bfloat16
 # cast of the lm_head weight) are new allocations every step, and every 4 KiB page of them faults in
 # on first touch: a fresh 113 MB tensor took 33 ms to zero and 27,649 faults, against 20-24 ms and
-# 566 faults in 2 MiB pages, and the benchmark ran 4-18% faster at the same peak RSS. PyTorch asks
-# for transparent huge pages for allocations of 2 MiB and more when this is set; it reads it at its
-# first allocation (importing transformers makes some), hence here, before any import of torch.
+# 566 faults in 2 MiB pages (whole benchmark runs: a median 4% faster over 5 alternating pairs, at
+# the same peak RSS). PyTorch asks for transparent huge pages for allocations of 2 MiB and more
+# when this is set, and reads it at its first allocation (importing transformers makes some),
+# hence here, before any import of torch.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
