@@ -226,7 +226,7 @@ def huge_kib():
             lines = f.read().splitlines()
     except OSError:
         return -1
-    return next((int(l.split()[1]) for l in lines if l.startswith("AnonHugePages:")), -1)
+    return next((int(line.split()[1]) for line in lines if line.startswith("AnonHugePages:")), -1)
 import torch
 before = huge_kib()
 block = torch.ones(64 * 2**20 // 4)
