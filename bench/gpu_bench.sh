@@ -7,9 +7,10 @@
 #   bash bench/gpu_bench.sh                     # ~1B model on the GPU
 #   bash bench/gpu_bench.sh --model-size tiny   # a tiny model: checks the script anywhere, CPU too
 #
-# Data: the benchmark's default workload from $SHARED (default ../shared: data/alpaca_zh_demo.json
-# and tokenizers/chinese-llama-2), else its generated demo data. ../shared does not travel to a lent
-# GPU machine; copy those two into a git-ignored folder of the checkout and point SHARED at it.
+# Data: the benchmark's default workload from ../shared, else its generated demo data. ../shared
+# does not travel to a lent GPU machine: copy its data/alpaca_zh_demo.json and
+# tokenizers/chinese-llama-2 into the git-ignored .shared/ of the checkout, carry that, and run
+# with LLAMA_SFT_SHARED=.shared (train_bench.py reads it).
 #
 # Installs nothing: needs torch (with CUDA), transformers and peft, and the repository's src/.
 set -euo pipefail
@@ -38,7 +39,5 @@ case "$SIZE" in
   *) echo "--model-size: 1b or tiny" >&2; exit 2 ;;
 esac
 
-SHARED=${SHARED:-../shared}
 $PY bench/train_bench.py "${MODEL[@]}" --max-seq-length 1024 \
-    --data "$SHARED/data/alpaca_zh_demo.json" --tokenizer "$SHARED/tokenizers/chinese-llama-2" \
     --runs original-bs1-ga8,original-bs8,llama-sft --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"

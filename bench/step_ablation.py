@@ -100,14 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     packed, padded = PackingCollator()(examples), Collator(tokenizer.pad_id)(examples)
     tokens = sum(len(e["input_ids"]) for e in examples)
 
-    residual_hook = [None]
+    residual_hook = None  # at most one on the model: each step removes the previous step's
 
     def step(variant: str) -> None:
+        nonlocal residual_hook
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
-        if residual_hook[0] is not None:
-            residual_hook[0].remove()  # the previous step's, so that at most one is on the model
-        residual_hook[0] = None if variant == "-base-dtype-residual" else keep_residual_in_base_dtype(model)
+        if residual_hook is not None:
+            residual_hook.remove()
+        residual_hook = None if variant == "-base-dtype-residual" else keep_residual_in_base_dtype(model)
         inputs = dict(padded if variant == "-packing" else packed)
         own = variant != "-own-autocast"
         own_loss = variant in ("-labelled-lm_head", "-fused-ce", "-own-autocast")

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = ROOT.parent / "shared"
+# The real data and tokenizers; LLAMA_SFT_SHARED points elsewhere (a copy carried to a GPU machine).
+SHARED = Path(os.environ.get("LLAMA_SFT_SHARED", ROOT.parent / "shared")).resolve()
 RUNS = ("original-bs1-ga8", "original-bs8", "trl", "llama-sft", "llama-sft-fp32")
 # TRL settings tried with --trl-sweep; "trl" runs the best of them on this machine (see docs/performance.md).
 TRL_SETTINGS = {
