@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fused CPU kernels are built once for the whole session (and its subprocesses), not in ~/.cache.
+if "LLAMA_SFT_KERNEL_DIR" not in os.environ:
+    os.environ["LLAMA_SFT_KERNEL_DIR"] = tempfile.mkdtemp(prefix="llama-sft-kernels-")
+    atexit.register(shutil.rmtree, os.environ["LLAMA_SFT_KERNEL_DIR"], True)
 
 from llama_sft.demo import demo_records, make_model, make_tokenizer  # noqa: E402
 from llama_sft.templates import load_template  # noqa: E402
@@ -131,3 +138,17 @@ def train_argv(
             continue
         argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return argv
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def ops_path(request, monkeypatch):
+    """Runs a test with the fused CPU kernels, then again with PyTorch's ops (no compiler)."""
+    from llama_sft import cpu_kernels
+
+    cpu_kernels.kernels.cache_clear()
+    if request.param == "torch":
+        monkeypatch.setenv("LLAMA_SFT_CPU_KERNELS", "0")
+    elif cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+    yield request.param
+    cpu_kernels.kernels.cache_clear()

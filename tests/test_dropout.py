@@ -10,7 +10,7 @@ from llama_sft.model import attach_lora
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_keeps_one_minus_p_scaled_and_masks_the_gradient(p):
+def test_keeps_one_minus_p_scaled_and_masks_the_gradient(p, ops_path):
     torch.manual_seed(0)
     x = torch.randn(1000, 1000).abs() + 0.5  # no zeros, so a zero output means dropped
     x.requires_grad_()
@@ -23,7 +23,7 @@ def test_keeps_one_minus_p_scaled_and_masks_the_gradient(p):
     assert torch.equal(x.grad, keep.float() * 3 / (1 - p))
 
 
-def test_seeded_by_torch_and_identity_in_eval():
+def test_seeded_by_torch_and_identity_in_eval(ops_path):
     x = torch.randn(64, 128)
     dropout = BitsDropout(0.1).train()
     torch.manual_seed(7)

@@ -45,7 +45,7 @@ def load(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
 
 
-def test_cross_entropy_and_gradient_match_torch():
+def test_cross_entropy_and_gradient_match_torch(ops_path):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(300, 50, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (300,), generator=g)
@@ -60,7 +60,7 @@ def test_cross_entropy_and_gradient_match_torch():
     assert grad[32:48].abs().sum() == 0
 
 
-def test_cross_entropy_of_bfloat16_logits_keeps_their_dtype():
+def test_cross_entropy_of_bfloat16_logits_keeps_their_dtype(ops_path):
     g = torch.Generator().manual_seed(1)
     full = torch.randn(40, 1000, generator=g) * 3
     logits = full.bfloat16().requires_grad_()
@@ -122,7 +122,7 @@ def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path):
     assert abs(loss.item() - reference_model(**padded, use_cache=False).loss.item()) < 1e-5
 
 
-def test_cross_entropy_without_grad_gives_the_same_loss():
+def test_cross_entropy_without_grad_gives_the_same_loss(ops_path):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(50, 30, generator=g)
     targets = torch.randint(0, 30, (50,), generator=g)
@@ -133,7 +133,7 @@ def test_cross_entropy_without_grad_gives_the_same_loss():
     assert torch.allclose(loss, ref, rtol=1e-6)
 
 
-def test_fused_head_loss_and_gradients_match_torch():
+def test_fused_head_loss_and_gradients_match_torch(ops_path):
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(70, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)

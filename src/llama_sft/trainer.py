@@ -31,6 +31,7 @@ from peft.helpers import disable_input_dtype_casting
 from peft.utils import ModulesToSaveWrapper
 from transformers import Trainer, TrainerCallback
 
+from . import cpu_kernels
 from .encode import IGNORE_INDEX
 from .packing import split_packed
 
@@ -48,9 +49,16 @@ def cross_entropy_chunks(
     """Summed cross-entropy of ``logits`` (n, vocab) against ``targets`` (n,), -100 ignored; with
     ``grad`` given, also writes softmax - one_hot(target) there (zero on ignored rows), in its dtype.
 
-    One log-softmax per chunk of rows yields both. ``grad`` may be ``logits`` itself: each chunk is
-    read (as a float32 copy) before it is overwritten.
+    With the fused kernel (``cpu_kernels``), one row at a time in one pass for the loss and one for
+    the gradient; otherwise one log-softmax per chunk of rows yields both. ``grad`` may be
+    ``logits`` itself: each row is read before it is overwritten.
     """
+    if (
+        cpu_kernels.supports(logits)
+        and logits.stride(-1) == 1
+        and (grad is None or grad.stride() == logits.stride())
+    ):
+        return cpu_kernels.softmax_xent(logits, targets, grad).sum()
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
         end = min(start + CE_CHUNK_ROWS, logits.shape[0])

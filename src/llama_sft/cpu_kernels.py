@@ -1,0 +1,161 @@
+"""Fused CPU kernels for LoRA dropout and the softmax cross-entropy, built on first use.
+
+Contract: ``kernels()`` returns the compiled ``cpu_kernels.c`` (through ctypes) or None when it
+cannot be had (no C compiler, a failed build, ``LLAMA_SFT_CPU_KERNELS=0``); every caller has a
+plain PyTorch path for None, so the kernels only change speed, never whether training runs.
+
+- ``masked_scale(x, seed, threshold, scale)``: ``x * scale`` where element i's 32 random bits
+  (SplitMix64 from ``seed``; they depend only on ``seed`` and i) are ``>= threshold``, else 0.
+  Called again with the same seed on the gradient, it applies the same mask: the dropout's
+  backward keeps a seed, not a mask.
+- ``softmax_xent(logits, targets, grad)``: per-row cross-entropy of (n, vocab) logits against
+  (n,) targets (-100 ignored, loss 0), and with ``grad`` (which may be ``logits``) softmax minus
+  the one-hot target written there, in the logits' dtype, one row at a time while it is in cache.
+
+Both take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
+
+Why: PyTorch runs LoRA dropout as four passes over each input (random bits, comparison, select,
+scale) plus two in the backward and keeps a boolean mask, ~4 ns an element on a 2-core Xeon, and
+LoRA on seven projections drops ~35,000 elements a token; these kernels take ~0.6 ns. The
+cross-entropy of 1,000 x 55,296 bfloat16 logits: 30 ms against 160 ms in chunks of PyTorch ops.
+
+The library is built once per source, compiler and CPU (``-march=native``) into
+``~/.cache/llama_sft/kernels`` (``LLAMA_SFT_KERNEL_DIR`` moves it), under a temporary name and
+renamed, so concurrent processes of one run never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .encode import IGNORE_INDEX
+
+logger = logging.getLogger("llama_sft")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cpu_flags() -> str:
+    # The library is built for this CPU's instruction set; a cache folder shared with other
+    # machines must not hand one built for another.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cache_dir: Path) -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
+    )
+    target = cache_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, u64, u32, f32, i32 = (
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_uint64,
+        ctypes.c_uint32,
+        ctypes.c_float,
+        ctypes.c_int,
+    )
+    for suffix in DTYPES.values():
+        masked = getattr(lib, f"masked_scale_{suffix}")
+        masked.argtypes = [p, p, i64, u64, u32, f32, i32]
+        masked.restype = None
+        xent = getattr(lib, f"softmax_xent_{suffix}")
+        xent.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
+        xent.restype = i64
+    return lib
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) when they cannot be built or are switched off."""
+    if os.environ.get("LLAMA_SFT_CPU_KERNELS", "1") == "0":
+        return None
+    cache_dir = Path(
+        os.environ.get("LLAMA_SFT_KERNEL_DIR") or Path.home() / ".cache" / "llama_sft" / "kernels"
+    )
+    try:
+        return _declare(ctypes.CDLL(str(_build(cache_dir))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU kernels unavailable (%s); using PyTorch's ops for dropout and the loss", exc)
+        return None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels exist and take these tensors (float32 or bfloat16, on the CPU)."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and kernels() is not None
+
+
+def masked_scale(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """``x * scale`` where the 32 random bits of an element (from ``seed``) are >= ``threshold``,
+    else 0; a new tensor."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    kernel = getattr(kernels(), f"masked_scale_{DTYPES[x.dtype]}")
+    kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale, torch.get_num_threads())
+    return out
+
+
+def softmax_xent(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Float32 (n,) cross-entropy of each row of ``logits`` (n, vocab) against ``targets`` (n,), 0
+    where the target is -100; with ``grad`` (same shape and dtype, may be ``logits``), writes
+    softmax - one_hot(target) there, zero rows where ignored."""
+    rows, vocab = logits.shape
+    if logits.stride(1) != 1 or (grad is not None and grad.stride() != logits.stride()):
+        raise ValueError("softmax_xent needs rows of contiguous values, the same strides for grad")
+    targets = targets.to(torch.int64).contiguous()
+    losses = torch.empty(rows, dtype=torch.float32)
+    kernel = getattr(kernels(), f"softmax_xent_{DTYPES[logits.dtype]}")
+    bad = kernel(
+        logits.data_ptr(),
+        None if grad is None else grad.data_ptr(),
+        targets.data_ptr(),
+        rows,
+        vocab,
+        logits.stride(0),
+        IGNORE_INDEX,
+        losses.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if bad >= 0:
+        raise IndexError(f"target {int(targets[bad])} of row {bad} is outside a vocabulary of {vocab}")
+    return losses
