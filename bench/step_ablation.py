@@ -12,6 +12,8 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
+    -cpu-kernels        PyTorch's ops where the fused CPU kernels run (dropout bits from NumPy,
+                        select and scale; a log-softmax per 16 rows of logits)
     -labelled-lm_head   logits at every position (labels -100 where the prompt is)
     -fused-head         the model's lm_head makes the logits; the loss alone is fused
     -fused-ce           torch's cross_entropy on the model's logits (float32 upcast, as usual)
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,6 +44,7 @@ VARIANTS = (
     "-packing",
     "-packed-attention",
     "-bits-dropout",
+    "-cpu-kernels",
     "-labelled-lm_head",
     "-fused-head",
     "-fused-ce",
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM
 
+    from llama_sft import cpu_kernels
     from llama_sft.args import LoraArguments
     from llama_sft.attention import PACKED_SDPA
     from llama_sft.collate import Collator
@@ -102,8 +107,13 @@ def main(argv: list[str] | None = None) -> None:
 
     residual_hook = None  # at most one on the model: each step removes the previous step's
 
+    def use_kernels(on: bool) -> None:
+        os.environ["LLAMA_SFT_CPU_KERNELS"] = "1" if on else "0"
+        cpu_kernels.kernels.cache_clear()
+
     def step(variant: str) -> None:
         nonlocal residual_hook
+        use_kernels(variant != "-cpu-kernels")
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
         if residual_hook is not None:

@@ -111,12 +111,11 @@ def test_switched_off_or_without_a_compiler_it_is_none(monkeypatch, tmp_path, ca
     cpu_kernels.kernels.cache_clear()
 
 
-def test_built_once_per_source_into_the_cache_folder(monkeypatch, tmp_path):
+def test_built_once_per_source_and_flags_into_the_cache_folder(tmp_path):
     if cpu_kernels.kernels() is None:
         pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
-    first = cpu_kernels._build(tmp_path)
+    first = cpu_kernels._build(tmp_path, cpu_kernels.FLAGS)
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
     stamp = first.stat().st_mtime_ns
-    assert cpu_kernels._build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-DANOTHER_BUILD"])
-    assert cpu_kernels._build(tmp_path) != first
+    assert cpu_kernels._build(tmp_path, cpu_kernels.FLAGS) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_kernels._build(tmp_path, cpu_kernels.SERIAL_FLAGS) != first

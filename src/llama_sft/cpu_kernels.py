@@ -45,6 +45,8 @@ logger = logging.getLogger("llama_sft")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# A compiler without OpenMP (Apple's clang) still builds the kernels, single-threaded.
+SERIAL_FLAGS = [flag for flag in FLAGS if flag != "-fopenmp"]
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -60,13 +62,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cache_dir: Path) -> Path:
+def _build(cache_dir: Path, flags: list[str]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) on PATH")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
+        b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
     )
     target = cache_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -75,7 +77,7 @@ def _build(cache_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -113,11 +115,13 @@ def kernels() -> ctypes.CDLL | None:
     cache_dir = Path(
         os.environ.get("LLAMA_SFT_KERNEL_DIR") or Path.home() / ".cache" / "llama_sft" / "kernels"
     )
-    try:
-        return _declare(ctypes.CDLL(str(_build(cache_dir))))
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU kernels unavailable (%s); using PyTorch's ops for dropout and the loss", exc)
-        return None
+    for flags in (FLAGS, SERIAL_FLAGS):
+        try:
+            return _declare(ctypes.CDLL(str(_build(cache_dir, flags))))
+        except (OSError, subprocess.SubprocessError) as exc:
+            error = exc
+    logger.warning("CPU kernels unavailable (%s); using PyTorch's ops for dropout and the loss", error)
+    return None
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -9,8 +9,9 @@ micro-batches and all processes together, as transformers normalises with
    with a 55,296-row vocabulary that projection is about half the FLOPs of a small model, and
    prompts are a third of the tokens;
 2. the projection, the cross-entropy and their gradients are computed together in the forward
-   (``LabelledHeadCrossEntropy``): the logits become their own gradient in place, chunk by chunk in
-   their dtype, and are freed before the backward; no float32 copy of them is made. An output
+   (``LabelledHeadCrossEntropy``): the logits become their own gradient in place, row by row in
+   their dtype (with ``cpu_kernels``' fused kernel on a CPU, else a chunk of rows at a time), and
+   are freed before the backward; no float32 copy of them is made. An output
    projection that is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a ZeRO-3 shard) or an
    architecture that changes the logits after it keeps the model's own, and only the loss is
    fused (``LabelledCrossEntropy``);
