@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from llama_sft import cpu_kernels
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
 from llama_sft.encode import encode_records
@@ -129,7 +130,7 @@ def test_continue_from_peft_path(model_dir, tokenizer_dir, data_dir, tmp_path, c
     saved = load_file(first / "adapter_model.safetensors")
 
     # Learning rate 0: the continued adapter must come out exactly as it was loaded.
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         frozen = train(
             train_argv(
                 model_dir,
@@ -144,6 +145,8 @@ def test_continue_from_peft_path(model_dir, tokenizer_dir, data_dir, tmp_path, c
             )
         )
     assert "its r is 4; the flag's 16 is ignored" in caplog.text
+    kernels_line = "LoRA dropout and the cross-entropy run as fused CPU kernels"
+    assert (kernels_line in caplog.text) == (cpu_kernels.kernels() is not None)
     again = load_file(frozen / "adapter_model.safetensors")
     assert again.keys() == saved.keys()
     assert all(torch.equal(again[k], saved[k]) for k in saved)

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
 
+from . import cpu_kernels
 from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
 from .checkpoints import (
     CheckpointCallback,
@@ -360,6 +361,11 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     check_lora_args(model, args.lora)
     model = attach_lora(model, args.lora)
     keep_residual_in_base_dtype(model)
+    if training.device.type == "cpu":
+        # Built (about a second) or found now, so a missing compiler is reported before training.
+        with training.main_process_first(desc="CPU kernels"):
+            if cpu_kernels.kernels() is not None:
+                logger.info("LoRA dropout and the cross-entropy run as fused CPU kernels (cpu_kernels.c)")
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
