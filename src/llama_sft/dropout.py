@@ -11,7 +11,7 @@ resumed runs repeat exactly (on one machine: the bits come from the fused kernel
 Why: PyTorch's CPU dropout draws its mask with a Mersenne twister at ~7 ns per element. With LoRA
 on the seven projections of every layer that is 35,000 draws per token, about 15% of a training
 step of a small model. NumPy's SFC64 bits and torch's select and scale take ~4 ns an element
-(forward and backward) and keep a boolean mask; the fused kernel ~0.6 ns, and keeps only the seed.
+(forward and backward) and keep a boolean mask; the fused kernel 0.6-1 ns, and keeps only the seed.
 """
 
 from __future__ import annotations
