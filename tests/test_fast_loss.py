@@ -220,6 +220,28 @@ def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):
         assert torch.allclose(fused_grads[name], value, atol=1e-6), name
 
 
+def test_cpu_kernels_and_torch_ops_train_the_same(folder, monkeypatch):
+    from llama_sft import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+    batch = PackingCollator()(examples([(20, 8), (11, 4), (33, 10), (6, 2)], seed=6))
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("LLAMA_SFT_CPU_KERNELS", switch)
+        cpu_kernels.kernels.cache_clear()
+        model = lora_model(folder)
+        total, count, _ = labelled_loss_sum(model, batch, head_weight(model))
+        (total / count).backward()
+        results[switch] = (total.item(), grads(model))
+    cpu_kernels.kernels.cache_clear()
+    (kernel_loss, kernel_grads), (torch_loss, torch_grads) = results["1"], results["0"]
+    assert abs(kernel_loss - torch_loss) < 1e-4
+    assert kernel_grads.keys() == torch_grads.keys() and any("lm_head" in k for k in kernel_grads)
+    for name, value in torch_grads.items():
+        assert torch.allclose(kernel_grads[name], value, atol=1e-6), name
+
+
 def test_bfloat16_base_runs_its_residual_in_bfloat16_under_autocast(folder):
     from transformers import AutoModelForCausalLM
 
