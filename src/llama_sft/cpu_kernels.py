@@ -8,7 +8,7 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
   (SplitMix64 from ``seed``; they depend only on ``seed`` and i) are ``>= threshold``, else 0.
   Called again with the same seed on the gradient, it applies the same mask: the dropout's
   backward keeps a seed, not a mask.
-- ``softmax_xent(logits, targets, grad)``: per-row cross-entropy of (n, vocab) logits against
+- ``softmax_xent(logits, targets, grad)`` (where ``takes_logits``): per-row cross-entropy of (n, vocab) logits against
   (n,) targets (-100 ignored, loss 0), and with ``grad`` (which may be ``logits``) softmax minus
   the one-hot target written there, in the logits' dtype, one row at a time while it is in cache.
 
@@ -129,6 +129,13 @@ def supports(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and kernels() is not None
 
 
+def takes_logits(logits: torch.Tensor, grad: torch.Tensor | None) -> bool:
+    """Whether ``softmax_xent`` takes these: supported tensors whose rows are contiguous, ``grad``
+    laid out as ``logits``."""
+    rows_contiguous = logits.dim() == 2 and logits.stride(1) == 1
+    return rows_contiguous and (grad is None or grad.stride() == logits.stride()) and supports(logits)
+
+
 def masked_scale(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
     """``x * scale`` where the 32 random bits of an element (from ``seed``) are >= ``threshold``,
     else 0; a new tensor."""
@@ -143,9 +150,9 @@ def softmax_xent(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
     """Float32 (n,) cross-entropy of each row of ``logits`` (n, vocab) against ``targets`` (n,), 0
     where the target is -100; with ``grad`` (same shape and dtype, may be ``logits``), writes
     softmax - one_hot(target) there, zero rows where ignored."""
-    rows, vocab = logits.shape
-    if logits.stride(1) != 1 or (grad is not None and grad.stride() != logits.stride()):
+    if not takes_logits(logits, grad):
         raise ValueError("softmax_xent needs rows of contiguous values, the same strides for grad")
+    rows, vocab = logits.shape
     targets = targets.to(torch.int64).contiguous()
     losses = torch.empty(rows, dtype=torch.float32)
     kernel = getattr(kernels(), f"softmax_xent_{DTYPES[logits.dtype]}")

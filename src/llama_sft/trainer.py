@@ -54,11 +54,7 @@ def cross_entropy_chunks(
     the gradient; otherwise one log-softmax per chunk of rows yields both. ``grad`` may be
     ``logits`` itself: each row is read before it is overwritten.
     """
-    if (
-        cpu_kernels.supports(logits)
-        and logits.stride(-1) == 1
-        and (grad is None or grad.stride() == logits.stride())
-    ):
+    if cpu_kernels.takes_logits(logits, grad):
         return cpu_kernels.softmax_xent(logits, targets, grad).sum()
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
