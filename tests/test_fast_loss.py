@@ -15,6 +15,8 @@ from llama_sft.trainer import (
     LabelledHeadCrossEntropy,
     ReturnFreedMemory,
     SftTrainer,
+    ce_chunk_rows,
+    cross_entropy_chunks,
     head_weight,
     labelled_loss_sum,
 )
@@ -58,6 +60,25 @@ def test_cross_entropy_and_gradient_match_torch(ops_path):
     assert torch.allclose(ours, ref, rtol=1e-6)
     assert torch.allclose(grad, ref_grad, atol=1e-6)
     assert grad[32:48].abs().sum() == 0
+
+
+def test_cross_entropy_in_one_gpu_sized_chunk_matches_torch(monkeypatch):
+    # On a GPU the torch ops take every row of a 55,296-row vocabulary's step in one chunk.
+    assert ce_chunk_rows("cuda", 55296) == 1213 and ce_chunk_rows("cpu", 55296) == 16
+    monkeypatch.setattr("llama_sft.trainer.cpu_kernels.takes_logits", lambda logits, grad: False)
+    monkeypatch.setattr("llama_sft.trainer.CE_CHUNK_ROWS", 1000)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 50, generator=g)
+    targets = torch.randint(0, 50, (300,), generator=g)
+    targets[::3] = -100
+    grad = torch.full_like(logits, float("nan"))
+    total = cross_entropy_chunks(logits, targets, grad)
+    exact = logits.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(exact, targets, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, exact)
+    assert torch.allclose(total, ref, rtol=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert grad[::3].abs().sum() == 0
 
 
 def test_cross_entropy_of_bfloat16_logits_keeps_their_dtype(ops_path):

@@ -113,6 +113,29 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch):
     model.config._attn_implementation = "sdpa"
 
 
+def test_record_starts_are_read_once_per_forward(model, monkeypatch):
+    """Reading the starts back from a GPU is a synchronisation: once per forward, not per layer,
+    and a new row (even of the same length) gets its own."""
+    import llama_sft.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention, "record_starts", lambda p: calls.append(1) or record_starts(p))
+    model.config._attn_implementation = PACKED_SDPA
+    first = PackingCollator()(examples([(10, 4), (6, 2)], seed=4))
+    second = PackingCollator()(examples([(5, 2), (11, 3)], seed=5))
+    with torch.no_grad():
+        inputs = [
+            {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False}
+            for b in (first, second)
+        ]
+        logits = [model(**row).logits for row in inputs]
+        model.config._attn_implementation = "sdpa"
+        for row, got in zip(inputs, logits, strict=True):
+            expected = model(**row).logits
+            assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert model.config.num_hidden_layers == 2 and len(calls) == 2
+
+
 def test_packed_attention_with_grouped_kv_heads_and_a_long_record():
     """Grouped key/value heads (as in LLaMA-2 70B), and a record longer than the CPU math-kernel
     limit, which goes to the flash kernel: still equal to sdpa with the block-diagonal mask."""

@@ -43,7 +43,7 @@ def packed_sdpa_forward(
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
-    bounds = record_starts(position_ids) if packed else []
+    bounds = forward_record_starts(position_ids) if packed else []
     if not bounds or bounds[0] != 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -59,6 +59,19 @@ def packed_sdpa_forward(
     ]
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+# The position_ids of the last packed row seen and their record starts. Every layer of a forward is
+# given the same position_ids tensor; reading the starts back from a GPU waits for the GPU to finish
+# its queue, so it is done once per forward, not once per layer.
+_last_starts: tuple[torch.Tensor, list[int]] | None = None
+
+
+def forward_record_starts(position_ids: torch.Tensor) -> list[int]:
+    global _last_starts
+    if _last_starts is None or _last_starts[0] is not position_ids:
+        _last_starts = (position_ids, record_starts(position_ids))
+    return _last_starts[1]
 
 
 # On a CPU, PyTorch's math kernel runs forward and backward faster than its flash kernel for short

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .args import TrainArgs
-from .trainer import CE_CHUNK_ROWS
+from .trainer import ce_chunk_rows
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}
@@ -114,7 +114,7 @@ def estimate_memory(
         # At labelled positions only: one buffer of logits that become their own gradient, the
         # output weight's gradient in the compute dtype before its float32 copy, float32 loss chunks.
         "vocabulary projection": (labelled_tokens_per_pass + h) * vocab * logit_bytes
-        + 2 * CE_CHUNK_ROWS * vocab * 4,
+        + 2 * ce_chunk_rows(device, vocab) * vocab * 4,
         "runtime": RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
     }
     return MemoryPlan(parts, tokens_per_pass)
