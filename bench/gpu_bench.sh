@@ -3,6 +3,8 @@
 # max_seq_length 1024, the original pipeline (HF Trainer + PEFT, right-padded, batch 1 x GA 8 and
 # batch 8) against llama-sft's default path, 20 optimizer steps of 8 records each. Prints
 # tokens/s and peak GPU memory and writes $OUT/gpu_bench.json (+ .png) and $OUT/gpu_bench.log.
+# Then times llama-sft's step with each of its changes undone on the same model
+# (step_ablation.py, $OUT/gpu_ablation.json) and profiles one step ($OUT/gpu_ablation.profile.txt).
 #
 #   bash bench/gpu_bench.sh                     # ~1B model on the GPU
 #   bash bench/gpu_bench.sh --model-size tiny   # a tiny model: checks the script anywhere, CPU too
@@ -34,10 +36,18 @@ PYEOF
 
 case "$SIZE" in
   # 16 layers x (4 x 2048^2 + 3 x 2048 x 5504) + 2 x 55296 x 2048 rows: ~1.04B parameters.
-  1b) MODEL=(--hidden 2048 --intermediate 5504 --layers 16 --heads 16 --steps 20) ;;
-  tiny) MODEL=(--hidden 64 --intermediate 172 --layers 2 --heads 4 --steps 2 --eval-records 4) ;;
+  1b) MODEL=(--hidden 2048 --intermediate 5504 --layers 16 --heads 16) STEPS=(--steps 20) ;;
+  tiny) MODEL=(--hidden 64 --intermediate 172 --layers 2 --heads 4) STEPS=(--steps 2 --eval-records 4) ;;
   *) echo "--model-size: 1b or tiny" >&2; exit 2 ;;
 esac
 
-$PY bench/train_bench.py "${MODEL[@]}" --max-seq-length 1024 \
-    --runs original-bs1-ga8,original-bs8,llama-sft --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
+# A failed benchmark does not stop the ablation: a GPU lease is too short to rerun either.
+failed=0
+$PY bench/train_bench.py "${MODEL[@]}" "${STEPS[@]}" --max-seq-length 1024 \
+    --runs original-bs1-ga8,original-bs8,llama-sft --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" || failed=1
+
+# The CPU-only variants (-bits-dropout, -cpu-kernels) are the same as "all" on a GPU.
+$PY bench/step_ablation.py "${MODEL[@]}" --max-seq-length 1024 --reps 6 --profile 30 \
+    --variants all,-packing,-packed-attention,-labelled-lm_head,-fused-head,-fused-ce,-base-dtype-residual,-own-autocast \
+    --out "$OUT/gpu_ablation.json" 2>&1 | tee "$OUT/gpu_ablation.log" || failed=1
+exit $failed

@@ -20,10 +20,14 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
 
-The optimizer step is the same for every variant and is left out.
+The optimizer step is the same for every variant and is left out. On a GPU (when one is seen) the
+step runs there and each time ends with a synchronisation; the CPU-only variants are then the same
+as "all". Options it does not know go to train_bench.py's workload (--hidden 2048 --layers 16 ...).
+--profile N prints the N ops that took the most time in one step of "all" (torch.profiler) and
+writes the table beside --out.
 
-    python bench/step_ablation.py [--quick] [--reps 8] [--variants all,-fused-head]
-                                  [--out bench/results/ablation.json]
+    python bench/step_ablation.py [--quick] [--reps 8] [--variants all,-fused-head] [--profile 25]
+                                  [--out bench/results/ablation.json] [train_bench.py options]
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=8, help="Timed repetitions of every variant.")
     p.add_argument("--records", type=int, default=8, help="Records in the micro-batch.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Comma list of variants to time.")
+    p.add_argument("--profile", type=int, default=0, help="Print this many top ops of one profiled step.")
     p.add_argument("--out", default=str(train_bench.HERE / "results" / "ablation.json"))
-    return p.parse_args(argv)
+    return p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.tokenizer import TextTokenizer
     from llama_sft.trainer import LabelledCrossEntropy, head_weight, labelled_loss_sum
 
-    args = parse_args(argv)
-    bench_args = train_bench.parse_args(["--quick"] if args.quick else [])
+    args, workload_args = parse_args(argv)
+    bench_args = train_bench.parse_args((["--quick"] if args.quick else []) + workload_args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="llama-sft-ablation-") as tmp:
         w = train_bench.prepare_workload(bench_args, Path(tmp))
         tokenizer = TextTokenizer.load(w["tokenizer"])
@@ -100,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         lora_dropout=0.05,
         modules_to_save="embed_tokens,lm_head",
     )
-    model = attach_lora(base, lora).train()
+    model = attach_lora(base, lora).to(device).train()
     config = model.get_base_model().config
     packed, padded = PackingCollator()(examples), Collator(tokenizer.pad_id)(examples)
+    packed, padded = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, padded))
     tokens = sum(len(e["input_ids"]) for e in examples)
 
     residual_hook = None  # at most one on the model: each step removes the previous step's
@@ -121,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         inputs = dict(padded if variant == "-packing" else packed)
         own = variant != "-own-autocast"
         own_loss = variant in ("-labelled-lm_head", "-fused-ce", "-own-autocast")
-        with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model, active=own):
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16),
+            disable_input_dtype_casting(model, active=own),
+        ):
             if not own_loss:
                 weight = None if variant == "-fused-head" else head_weight(model)
                 loss, count, _ = labelled_loss_sum(model, inputs, weight)
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 return
             targets = inputs.pop("labels")[:, 1:]
             if variant == "-labelled-lm_head":
-                keep = torch.arange(targets.shape[1])
+                keep = torch.arange(targets.shape[1], device=device)
             else:
                 keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
             logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             use_kernels(variant != "-cpu-kernels")  # (re)loading the library is not part of a step
             start = time.perf_counter()
             step(variant)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             times[variant].append(time.perf_counter() - start)
     median = {v: statistics.median(t) for v, t in times.items()}
     rows = [
@@ -166,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         for v in variants
     ]
-    print(f"{args.records} records, {tokens} tokens, forward + backward, median of {args.reps}:")
+    print(
+        f"{args.records} records, {tokens} tokens, forward + backward on {device.type}, median of {args.reps}:"
+    )
     print(f"{'variant':20s} {'median ms':>10s} {'min ms':>8s} {'tokens/s':>9s} {'x all':>6s}")
     for r in rows:
         print(
@@ -175,9 +189,44 @@ def main(argv: list[str] | None = None) -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"records": args.records, "tokens": tokens, "reps": args.reps, "quick": args.quick, "rows": rows}
+    report = {
+        "records": args.records,
+        "tokens": tokens,
+        "reps": args.reps,
+        "quick": args.quick,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "workload_args": workload_args,
+        "rows": rows,
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.profile:
+        table = profile_step(lambda: step("all"), device, args.profile)
+        print(table)
+        out.with_suffix(".profile.txt").write_text(table + "\n")
+
+
+def profile_step(step, device, rows: int) -> str:
+    """The ``rows`` ops with the most self time in one call of ``step``, and the step's wall time
+    against its device time (on a GPU, a wall time well above the kernels' is launch overhead)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    head = f"one step of 'all' under the profiler: {wall * 1000:.1f} ms wall"
+    if device.type == "cuda":
+        kernels = sum(e.self_device_time_total for e in events) / 1000
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+        head += f", {kernels:.1f} ms of device time, {launches} kernel launches"
+    return head + "\n" + events.table(sort_by=sort, row_limit=rows)
 
 
 if __name__ == "__main__":
