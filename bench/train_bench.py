@@ -339,7 +339,7 @@ def run_original(w: dict, batch: int, accum: int) -> dict:
     return {
         **meter.result(),
         "eval_loss": eval_loss(trainer.model, w),
-        "dtype": "float32",
+        "dtype": dtype,
         "settings": settings,
     }
 
@@ -435,6 +435,11 @@ def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -
 
 
 def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
+    if name.endswith("-no-cudnn"):  # e.g. original-bs8-no-cudnn: that run with cuDNN's attention off
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        name = name.removesuffix("-no-cudnn")
     if name == "original-bs1-ga8":
         return run_original(w, batch=1, accum=8)
     if name == "original-bs8":
