@@ -41,6 +41,7 @@ def test_documented_flags_write_a_ready_lora(model_dir, tokenizer_dir, tokenizer
     weights = model_dir / "model.safetensors"
     before = digest(weights)
     out = tmp_path / "out"
+    torch.backends.cuda.enable_cudnn_sdp(True)
     lora_dir = train(
         train_argv(
             model_dir,
@@ -52,6 +53,9 @@ def test_documented_flags_write_a_ready_lora(model_dir, tokenizer_dir, tokenizer
             gradient_checkpointing=True,
         )
     )
+    # cuDNN's attention would build a graph for every new row length on a GPU.
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
 
     assert lora_dir == out / "sft_lora_model"
     names = {p.name for p in lora_dir.iterdir()}

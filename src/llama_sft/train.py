@@ -356,9 +356,10 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     # 4. Model and LoRA. Seeded first: the LoRA A matrices are drawn from the global RNG.
     transformers.set_seed(training.seed)
     # cuDNN's attention, PyTorch's first choice on recent GPUs, builds an execution graph for every
-    # new sequence length (hundreds of ms each), and SFT rows, packed rows' records above all, change
-    # length every step: on an H200 it made training steps 8x slower than the same step repeated.
-    # Flash and memory-efficient attention take any length as it comes.
+    # new sequence length, and SFT rows (packed rows' records above all) change length every step.
+    # On an H200 (~1B model, 20 steps of 8 records) training took 23.0 s with it and 3.95 s without;
+    # the original pipeline's at batch 8, 13.1 and 3.7 s. Flash and memory-efficient attention take
+    # any length as it comes.
     torch.backends.cuda.enable_cudnn_sdp(False)
     model = load_base_model(
         args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype), packed=args.data.packing
