@@ -395,7 +395,9 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
 # rows, loss on labelled positions only, bfloat16 autocast where the CPU has it.
 
 
-def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -> dict:
+def run_llama_sft(
+    w: dict, dtype: str, max_tokens_per_pass: int | None = None, return_freed_memory: bool = True
+) -> dict:
     # First, as `llama-sft train` imports it: it sets PyTorch's allocation options before anything
     # allocates a tensor.
     from llama_sft.train import train  # isort: skip
@@ -421,6 +423,9 @@ def run_llama_sft(w: dict, dtype: str, max_tokens_per_pass: int | None = None) -
         "--bf16", str(dtype == "bfloat16"),
         "--log_level", "warning",
     ]  # fmt: skip
+    if not return_freed_memory:
+        argv += ["--return_freed_memory", "False"]
+        settings["return_freed_memory"] = False
     if max_tokens_per_pass:
         argv += ["--max_tokens_per_pass", str(max_tokens_per_pass)]
         settings["max_tokens_per_pass"] = max_tokens_per_pass
@@ -452,6 +457,10 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
         return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"))
     if name == "llama-sft-fp32":
         return run_llama_sft(w, "float32")
+    if name == "llama-sft-keep-freed":  # --return_freed_memory False
+        return run_llama_sft(
+            w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), return_freed_memory=False
+        )
     if name.startswith("llama-sft-budget"):  # e.g. llama-sft-budget512: --max_tokens_per_pass 512
         budget = int(name.removeprefix("llama-sft-budget"))
         return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), budget)

@@ -266,3 +266,28 @@ def test_train_sets_allocation_options_before_torch_allocates(preset):
     if thp_mode() == "madvise" and int(huge_kib) >= 0:
         # Only PyTorch's request puts the 64 MiB block (partly) in 2 MiB pages in this mode.
         assert (int(huge_kib) >= 2048) == (preset is None)
+
+
+@pytest.mark.parametrize("return_freed", [True, False])
+def test_freed_memory_goes_back_after_each_step_unless_switched_off(
+    model_dir, tokenizer_dir, data_dir, tmp_path, monkeypatch, return_freed
+):
+    from llama_sft.trainer import ReturnFreedMemory
+
+    steps = []
+    monkeypatch.setattr(
+        ReturnFreedMemory, "on_step_end", lambda self, args, state, control, **kw: steps.append(1)
+    )
+    argv = train_argv(
+        model_dir,
+        tokenizer_dir,
+        data_dir,
+        tmp_path / "out",
+        max_steps=2,
+        do_eval=False,
+        evaluation_strategy="no",
+        save_strategy="no",
+        return_freed_memory=str(return_freed),
+    )
+    train(argv)
+    assert len(steps) == (2 if return_freed else 0)

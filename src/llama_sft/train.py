@@ -401,7 +401,11 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
             stop,
             FiniteGradCallback(training.nan_policy),
-            *([ReturnFreedMemory()] if training.device.type == "cpu" else []),
+            *(
+                [ReturnFreedMemory()]
+                if training.device.type == "cpu" and training.return_freed_memory
+                else []
+            ),
         ],
         max_tokens_per_pass=training.max_tokens_per_pass,
         autocast_dtype=torch.bfloat16 if training.bf16_autocast else None,
