@@ -259,9 +259,9 @@ class ReturnFreedMemory(TrainerCallback):
 
     Why: packed rows change length every step, so activations of new sizes land in new places of
     glibc's heap, and the holes left by earlier steps stay resident. Over 30 steps of the benchmark
-    peak RSS was 2,266-2,300 MiB with it and 2,473-2,502 MiB without. The price: the next step faults
-    every page it reuses in again. Whole 30-step runs, alternating (session 6): 633-741 tokens/s
-    with it, 712-805 without (means 680 and 770).
+    peak RSS was 2,252-2,300 MiB with it and 2,473-2,502 MiB without. The price: the next step faults
+    every page it reuses in again. Whole 30-step runs, alternating (session 6): 633-796 tokens/s
+    with it, 712-805 without (means 691 and 770).
     """
 
     def __init__(self):
