@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One GPU, one prepared run (< 8 minutes): a ~1B-parameter LLaMA with random weights, bfloat16,
 # max_seq_length 1024, the original pipeline (HF Trainer + PEFT, right-padded, batch 1 x GA 8 and
-# batch 8) against llama-sft's default path, 20 optimizer steps of 8 records each. Prints
-# tokens/s and peak GPU memory and writes $OUT/gpu_bench.json (+ .png) and $OUT/gpu_bench.log.
-# Then times llama-sft's step with each of its changes undone on the same model
-# (step_ablation.py, $OUT/gpu_ablation.json) and profiles one step ($OUT/gpu_ablation.profile.txt).
+# batch 8, and batch 8 again with cuDNN's attention switched off as llama-sft does) against
+# llama-sft's default path, 20 optimizer steps of 8 records each. Prints tokens/s and peak GPU
+# memory and writes $OUT/gpu_bench.json (+ .png) and $OUT/gpu_bench.log. With --ablation it then
+# times llama-sft's step with each of its changes undone on the same model (step_ablation.py,
+# $OUT/gpu_ablation.json) and profiles one step ($OUT/gpu_ablation.profile.txt): ~2 minutes more.
 #
-#   bash bench/gpu_bench.sh                     # ~1B model on the GPU
-#   bash bench/gpu_bench.sh --model-size tiny   # a tiny model: checks the script anywhere, CPU too
+#   bash bench/gpu_bench.sh [--ablation]                     # ~1B model on the GPU
+#   bash bench/gpu_bench.sh --model-size tiny [--ablation]   # a tiny model: checks the script anywhere
 #
 # Data: the benchmark's default workload from ../shared, else its generated demo data. ../shared
 # does not travel to a lent GPU machine: copy its data/alpaca_zh_demo.json and
@@ -17,8 +18,14 @@
 # Installs nothing: needs torch (with CUDA), transformers and peft, and the repository's src/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE=1b
-if [ "${1:-}" = "--model-size" ]; then SIZE=${2:?--model-size 1b or tiny}; fi
+SIZE=1b ABLATION=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model-size) SIZE=${2:?--model-size 1b or tiny}; shift 2 ;;
+    --ablation) ABLATION=1; shift ;;
+    *) echo "unknown option $1 (--model-size 1b|tiny, --ablation)" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -44,7 +51,9 @@ esac
 # A failed benchmark does not stop the ablation: a GPU lease is too short to rerun either.
 failed=0
 $PY bench/train_bench.py "${MODEL[@]}" "${STEPS[@]}" --max-seq-length 1024 \
-    --runs original-bs1-ga8,original-bs8,llama-sft --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" || failed=1
+    --runs original-bs1-ga8,original-bs8,original-bs8-no-cudnn,llama-sft \
+    --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" || failed=1
+[ "$ABLATION" = 1 ] || exit $failed
 
 # The CPU-only variants (-bits-dropout, -cpu-kernels) are the same as "all" on a GPU.
 $PY bench/step_ablation.py "${MODEL[@]}" --max-seq-length 1024 --reps 6 --profile 30 \
