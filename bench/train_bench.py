@@ -453,18 +453,19 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
         return run_trl(w, **TRL_SETTINGS[TRL_BEST])
     if name in TRL_SETTINGS:
         return run_trl(w, **TRL_SETTINGS[name])
+    ours = args.dtype or ("bfloat16" if cpu_has_bf16() else "float32")  # llama-sft's default dtype
     if name == "llama-sft":
-        return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"))
+        return run_llama_sft(w, ours)
     if name == "llama-sft-fp32":
         return run_llama_sft(w, "float32")
     if name == "llama-sft-keep-freed":  # --return_freed_memory False
-        return run_llama_sft(
-            w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), return_freed_memory=False
-        )
+        return run_llama_sft(w, ours, return_freed_memory=False)
     if name.startswith("llama-sft-budget"):  # e.g. llama-sft-budget512: --max_tokens_per_pass 512
-        budget = int(name.removeprefix("llama-sft-budget"))
-        return run_llama_sft(w, args.dtype or ("bfloat16" if cpu_has_bf16() else "float32"), budget)
-    raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + tuple(TRL_SETTINGS))}")
+        return run_llama_sft(w, ours, int(name.removeprefix("llama-sft-budget")))
+    choices = ", ".join(RUNS + tuple(TRL_SETTINGS) + ("llama-sft-keep-freed", "llama-sft-budgetN"))
+    raise SystemExit(
+        f"unknown run {name!r}; choose from {choices} (original-*-no-cudnn: cuDNN attention off)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
