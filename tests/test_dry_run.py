@@ -7,7 +7,7 @@ import torch
 
 from llama_sft.args import parse_train_args
 from llama_sft.demo import build_demo
-from llama_sft.planner import build_meta_model, count_parameters
+from llama_sft.planner import build_meta_model, count_parameters, estimate_memory
 from llama_sft.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +47,19 @@ def test_llama_7b_trainable_count_matches_the_original(tmp_path):
     assert trainable == 429_211_648
     assert all(p.device == torch.device("meta") for p in model.parameters())
     assert total > 6_800_000_000
+
+    # Training frees the float16 base copies of embed_tokens and lm_head (2 x 49954 x 4096), except
+    # under DeepSpeed.
+    def frozen(deepspeed):
+        plan = estimate_memory(
+            model, load_dtype=torch.float16, compute_dtype=torch.float16, tokens_per_pass=512,
+            labelled_tokens_per_pass=256, gradient_checkpointing=False, zero=2 if deepspeed else 0,
+            deepspeed=deepspeed, world_size=1, device="cuda",
+        )  # fmt: skip
+        return plan.parts["frozen weights"]
+
+    assert frozen(True) == (total - trainable) * 2
+    assert frozen(False) == frozen(True) - 2 * 49954 * 4096 * 2
 
 
 def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):

@@ -14,13 +14,14 @@ import torch
 from conftest import train_argv
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from llama_sft import cpu_kernels
+from llama_sft.args import LoraArguments
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
 from llama_sft.encode import encode_records
-from llama_sft.model import ModelError
+from llama_sft.model import ModelError, attach_lora, drop_replaced_base_weights, replaced_base_modules
 from llama_sft.records import load_records
 from llama_sft.templates import load_template
 from llama_sft.train import train
@@ -291,3 +292,49 @@ def test_freed_memory_goes_back_after_each_step_unless_switched_off(
     )
     train(argv)
     assert len(steps) == (2 if return_freed else 0)
+
+
+def test_base_copies_of_saved_modules_leave_memory_when_training_begins(
+    model_dir, tokenizer_dir, data_dir, tmp_path
+):
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            for name in ("model.embed_tokens", "lm_head"):
+                wrapper = model.base_model.model.get_submodule(name)
+                seen[name] = (wrapper.original_module.weight, wrapper.modules_to_save["default"].weight)
+
+    argv = train_argv(
+        model_dir, tokenizer_dir, data_dir, tmp_path / "out", max_steps=2, do_eval=False,
+        evaluation_strategy="no", save_strategy="no",
+    )  # fmt: skip
+    lora_dir = train(argv, callbacks=[Probe()])
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    saved = load_file(lora_dir / "adapter_model.safetensors")
+    for name, (original, trained) in seen.items():
+        base_weight = base.get_submodule(name).weight
+        assert original.is_meta and original.shape == base_weight.shape
+        assert not trained.is_meta and trained.dtype == torch.float32
+        # The adapter holds the trained copy, which has moved away from the base weights on disk.
+        key = next(k for k in saved if f"{name}.weight" in k)
+        assert torch.equal(saved[key], trained.detach())
+        assert not torch.equal(trained.detach(), base_weight)
+
+
+def test_replaced_base_weights_are_freed_only_while_the_adapter_is_on(model_dir):
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    rows, width = base.get_input_embeddings().weight.shape
+    model = attach_lora(base, LoraArguments(trainable="q_proj", modules_to_save="embed_tokens,lm_head"))
+    with model.disable_adapter():
+        assert replaced_base_modules(model) == [] and drop_replaced_base_weights(model) == 0
+    assert not any(p.is_meta for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    # The two bfloat16 originals, and nothing else; shapes stay, so parameter counts do too.
+    assert drop_replaced_base_weights(model) == 2 * rows * width * 2
+    assert [n for n, p in model.named_parameters() if p.is_meta] == [
+        "base_model.model.model.embed_tokens.original_module.weight",
+        "base_model.model.lm_head.original_module.weight",
+    ]
+    assert sum(p.numel() for p in model.parameters()) == total

@@ -140,3 +140,48 @@ static inline float fast_exp(float x) {
 
 SOFTMAX_XENT(softmax_xent_f32, float, IDENTITY, IDENTITY)
 SOFTMAX_XENT(softmax_xent_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+/* ---- RMSNorm, row by row ------------------------------------------------------------------------
+
+   Forward, as transformers' LlamaRMSNorm computes it: in float32, r = 1 / sqrt(mean(x^2) + eps),
+   the normalised row x * r rounded to the input dtype, times the weight, rounded again. rstd[i]
+   keeps row i's r for the backward, which is for a frozen weight: with g = dy * weight rounded to
+   the input dtype (as PyTorch's product gives it), dx = r * g - x * r^3 * mean(g * x). */
+#define RMS_NORM(FORWARD, BACKWARD, T, LOAD, STORE)                                                   \
+    void FORWARD(const T *x, const T *weight, T *y, float *rstd, int64_t rows, int64_t width,        \
+                 float eps, int threads) {                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+        for (int64_t i = 0; i < rows; i++) {                                                          \
+            const T *restrict row = x + i * width;                                                    \
+            T *restrict out = y + i * width;                                                          \
+            float squares = 0.0f;                                                                     \
+            _Pragma("omp simd reduction(+ : squares)")                                                \
+            for (int64_t j = 0; j < width; j++) {                                                     \
+                float v = LOAD(row[j]);                                                               \
+                squares += v * v;                                                                     \
+            }                                                                                         \
+            float r = 1.0f / sqrtf(squares / (float)width + eps);                                     \
+            rstd[i] = r;                                                                              \
+            for (int64_t j = 0; j < width; j++)                                                       \
+                out[j] = STORE(LOAD(weight[j]) * LOAD(STORE(LOAD(row[j]) * r)));                      \
+        }                                                                                             \
+    }                                                                                                 \
+    void BACKWARD(const T *grad, const T *x, const T *weight, const float *rstd, T *dx, int64_t rows, \
+                  int64_t width, int threads) {                                                       \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+        for (int64_t i = 0; i < rows; i++) {                                                          \
+            const T *restrict dy = grad + i * width;                                                  \
+            const T *restrict row = x + i * width;                                                    \
+            T *restrict out = dx + i * width;                                                         \
+            float r = rstd[i], dot = 0.0f;                                                            \
+            _Pragma("omp simd reduction(+ : dot)")                                                    \
+            for (int64_t j = 0; j < width; j++)                                                       \
+                dot += LOAD(STORE(LOAD(dy[j]) * LOAD(weight[j]))) * LOAD(row[j]);                     \
+            float c = dot * r * r * r / (float)width;                                                 \
+            for (int64_t j = 0; j < width; j++)                                                       \
+                out[j] = STORE(LOAD(STORE(LOAD(dy[j]) * LOAD(weight[j]))) * r - LOAD(row[j]) * c);    \
+        }                                                                                             \
+    }
+
+RMS_NORM(rms_norm_f32, rms_norm_backward_f32, float, IDENTITY, IDENTITY)
+RMS_NORM(rms_norm_bf16, rms_norm_backward_bf16, uint16_t, bf16_to_float, float_to_bf16)

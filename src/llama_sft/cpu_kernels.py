@@ -1,4 +1,4 @@
-"""Fused CPU kernels for LoRA dropout and the softmax cross-entropy, built on first use.
+"""Fused CPU kernels for LoRA dropout, the softmax cross-entropy and RMSNorm, built on first use.
 
 Contract: ``kernels()`` returns the compiled ``cpu_kernels.c`` (through ctypes) or None when it
 cannot be had (no C compiler, a failed build, ``LLAMA_SFT_CPU_KERNELS=0``); every caller has a
@@ -11,8 +11,12 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
 - ``softmax_xent(logits, targets, grad)`` (where ``takes_logits``): per-row cross-entropy of (n, vocab) logits against
   (n,) targets (-100 ignored, loss 0), and with ``grad`` (which may be ``logits``) softmax minus
   the one-hot target written there, in the logits' dtype, one row at a time while it is in cache.
+- ``rms_norm(x, weight, eps)``: transformers' LlamaRMSNorm of each row of ``x`` (float32 inside,
+  the normalised row rounded to the input dtype, then times ``weight``), and each row's
+  1 / sqrt(mean(x^2) + eps); ``rms_norm_backward(grad, x, weight, rstd)``: the gradient of ``x``
+  for a frozen ``weight``, from ``x`` and those values alone.
 
-Both take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
+All take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
 
 Why: PyTorch runs LoRA dropout as four passes over each input (random bits, comparison, select,
 scale) plus two in the backward and keeps a boolean mask, ~4 ns an element on a 2-core Xeon, and
@@ -104,6 +108,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         xent = getattr(lib, f"softmax_xent_{suffix}")
         xent.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         xent.restype = i64
+        norm = getattr(lib, f"rms_norm_{suffix}")
+        norm.argtypes = [p, p, p, p, i64, i64, f32, i32]
+        norm.restype = None
+        norm_backward = getattr(lib, f"rms_norm_backward_{suffix}")
+        norm_backward.argtypes = [p, p, p, p, p, i64, i64, i32]
+        norm_backward.restype = None
     return lib
 
 
@@ -170,3 +180,32 @@ def softmax_xent(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
     if bad >= 0:
         raise IndexError(f"target {int(targets[bad])} of row {bad} is outside a vocabulary of {vocab}")
     return losses
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm of the rows of ``x`` (..., width) times ``weight`` (width,), of ``x``'s dtype; the
+    float32 (rows,) reciprocal root mean squares for ``rms_norm_backward``)."""
+    x = x.contiguous()
+    width = x.shape[-1]
+    out = torch.empty_like(x)
+    rstd = torch.empty(x.numel() // width, dtype=torch.float32)
+    kernel = getattr(kernels(), f"rms_norm_{DTYPES[x.dtype]}")
+    kernel(
+        x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rstd.data_ptr(),
+        rstd.numel(), width, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, rstd
+
+
+def rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of ``rms_norm``'s ``x`` given the gradient of its output, ``weight`` frozen."""
+    grad = grad.contiguous()
+    out = torch.empty_like(x)
+    kernel = getattr(kernels(), f"rms_norm_backward_{DTYPES[x.dtype]}")
+    kernel(
+        grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(), out.data_ptr(),
+        rstd.numel(), x.shape[-1], torch.get_num_threads(),
+    )  # fmt: skip
+    return out

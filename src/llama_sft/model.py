@@ -7,7 +7,9 @@ the LoRA matrices and ``modules_to_save``, in float32, with the base frozen, and
 drawn by ``dropout.BitsDropout`` (the same distribution, cheaper on a CPU). With ``peft_path`` the
 saved adapter is loaded trainable and its own configuration wins. ``keep_residual_in_base_dtype``
 then casts a trained float32 embedding's output to the base dtype under autocast, so the layers
-run in that dtype as they do without LoRA.
+run in that dtype as they do without LoRA. ``drop_replaced_base_weights`` frees the base weights
+that ``modules_to_save`` copies stand in for while the adapter is active (training never switches
+it off).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
 
 from .args import LoraArguments, ModelArguments
 from .attention import PACKED_SDPA
@@ -193,6 +196,40 @@ def keep_residual_in_base_dtype(model: torch.nn.Module) -> torch.utils.hooks.Rem
         return output.to(frozen) if torch.is_autocast_enabled(output.device.type) else output
 
     return embedding.register_forward_hook(cast)
+
+
+def replaced_base_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The base modules whose ``modules_to_save`` copy serves every active adapter of ``model``."""
+    return [
+        module.original_module
+        for module in model.modules()
+        if isinstance(module, ModulesToSaveWrapper)
+        and not module.disable_adapters
+        and all(name in module.modules_to_save for name in module.active_adapters)
+    ]
+
+
+def drop_replaced_base_weights(model: PeftModel) -> int:
+    """Move the weights of ``replaced_base_modules`` to the meta device, unless the adapter saves
+    them; returns the bytes freed.
+
+    PEFT keeps each module of ``modules_to_save`` twice: the trained copy, and the base module to
+    serve when the adapter is switched off. Training never switches it off and merging reads the
+    base from disk. With ``embed_tokens,lm_head`` and a 55,296-row vocabulary of width 512 the
+    originals are 113 MB in bfloat16 (the benchmark's model); with LLaMA-7B's 49,954 rows of
+    4,096, 818 MB in float16. Their shapes stay, so parameter counts do not change. PEFT also saves
+    them when the vocabulary was resized or an embedding has LoRA; they stay then. For a model whose
+    weights are all its own (``trainer.DropReplacedBaseWeights`` says when).
+    """
+    saved = {tensor.data_ptr() for tensor in get_peft_model_state_dict(model).values()}
+    freed = 0
+    for module in replaced_base_modules(model):
+        weights = [p for p in module.parameters() if not p.is_meta]
+        if any(p.data_ptr() in saved for p in weights):
+            continue
+        freed += sum(p.numel() * p.element_size() for p in weights)
+        module.to("meta")
+    return freed
 
 
 def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:

@@ -4,7 +4,8 @@ Contract: ``build_meta_model(args, tokenizer_size)`` builds the model from its `
 the meta device (no memory, no weight files read), resized to the tokenizer and with LoRA
 attached exactly as ``model.attach_lora`` does, so ``count_parameters`` gives the real trainable
 and total counts. ``estimate_memory(...)`` returns the estimated peak memory per device, in bytes,
-by part: frozen weights (load dtype), trainable weights, gradients and AdamW state (float32),
+by part: frozen weights (load dtype; without DeepSpeed, less the base copies of
+``modules_to_save``, which training frees), trainable weights, gradients and AdamW state (float32),
 divided across devices as the ZeRO stage says, activations of one forward/backward pass (a
 per-token, per-layer rule measured on LLaMA with sdpa attention, or one layer input per layer
 with gradient checkpointing), the vocabulary projection and the runtime itself. It is an estimate:
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .args import TrainArgs
+from .model import attach_lora, replaced_base_modules
 from .trainer import ce_chunk_rows
 
 GIB = 1024**3
@@ -28,8 +30,6 @@ RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}
 
 def build_meta_model(args: TrainArgs, tokenizer_size: int) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .model import attach_lora
 
     config = AutoConfig.from_pretrained(
         args.model.model_name_or_path, trust_remote_code=args.model.trust_remote_code
@@ -83,6 +83,7 @@ def estimate_memory(
     labelled_tokens_per_pass: int,
     gradient_checkpointing: bool,
     zero: int,
+    deepspeed: bool,
     world_size: int,
     device: str,
 ) -> MemoryPlan:
@@ -94,6 +95,9 @@ def estimate_memory(
         config.vocab_size,
     )
     trainable, total = count_parameters(model)
+    frozen = total - trainable
+    if not deepspeed:  # freed when training begins (trainer.DropReplacedBaseWeights)
+        frozen -= sum(p.numel() for module in replaced_base_modules(model) for p in module.parameters())
     load_bytes = torch.finfo(load_dtype).bits // 8
     half = compute_dtype != torch.float32
     shard = max(1, world_size)
@@ -106,7 +110,7 @@ def estimate_memory(
         activations = tokens_per_pass * layers * per_token_layer
     logit_bytes = 2 if half else 4
     parts = {
-        "frozen weights": (total - trainable) * load_bytes // (shard if zero == 3 else 1),
+        "frozen weights": frozen * load_bytes // (shard if zero == 3 else 1),
         "trainable weights": trainable * 4 // (shard if zero == 3 else 1),
         "gradients": trainable * 4 // (shard if zero >= 2 else 1),
         "AdamW state": trainable * 8 // (shard if zero >= 1 else 1),
@@ -152,6 +156,7 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
         labelled_tokens_per_pass=int(tokens * share),
         gradient_checkpointing=training.gradient_checkpointing,
         zero=zero,
+        deepspeed=bool(training.deepspeed),
         world_size=world,
         device=device,
     )

@@ -64,10 +64,11 @@ from .model import (
 from .packing import PackingCollator
 from .planner import dry_run_report
 from .records import DataError, Record, find_data_files, load_records
+from .rms_norm import use_fused_rms_norm
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
 from .tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
-from .trainer import ReturnFreedMemory, SftTrainer
+from .trainer import DropReplacedBaseWeights, ReturnFreedMemory, SftTrainer
 
 logger = logging.getLogger("llama_sft")
 
@@ -371,7 +372,10 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         # Built (about a second) or found now, so a missing compiler is reported before training.
         with training.main_process_first(desc="CPU kernels"):
             if cpu_kernels.kernels() is not None:
-                logger.info("LoRA dropout and the cross-entropy run as fused CPU kernels (cpu_kernels.c)")
+                logger.info(
+                    "LoRA dropout, the cross-entropy and RMSNorm run as fused CPU kernels (cpu_kernels.c)"
+                )
+        use_fused_rms_norm(model)
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
@@ -401,6 +405,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
             stop,
             FiniteGradCallback(training.nan_policy),
+            DropReplacedBaseWeights(),
             *(
                 [ReturnFreedMemory()]
                 if training.device.type == "cpu" and training.return_freed_memory

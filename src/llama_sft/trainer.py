@@ -18,7 +18,9 @@ micro-batches and all processes together, as transformers normalises with
 3. a packed row longer than ``max_tokens_per_pass`` is trained in pieces of whole records
    (``packing.split_packed``), each forward and backward in turn, within one optimizer step.
 
-``ReturnFreedMemory`` is the callback that hands freed heap pages back after each step on a CPU.
+``ReturnFreedMemory`` is the callback that hands freed heap pages back after each step on a CPU;
+``DropReplacedBaseWeights`` frees the base weights that ``modules_to_save`` copies replace, once
+training begins.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import cpu_kernels
 from .encode import IGNORE_INDEX
+from .model import drop_replaced_base_weights
 from .packing import split_packed
 
 # Rows of logits turned into gradient at a time on a CPU: 16 x 55,296 float32 values stay near the
@@ -273,3 +276,21 @@ class ReturnFreedMemory(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trim is not None:
             self.trim(0)
+
+
+class DropReplacedBaseWeights(TrainerCallback):
+    """When training begins, ``model.drop_replaced_base_weights``: the base copies of
+    ``embed_tokens``/``lm_head`` that ``modules_to_save`` replaces leave memory.
+
+    At the start of training, not before: DDP broadcasts every weight of the model when the
+    Trainer wraps it, which a weight on the meta device cannot take part in. Not under DeepSpeed,
+    whose checkpoints copy every weight of the model, nor FSDP, whose weights are pieces of flat
+    shards.
+    """
+
+    def __init__(self):
+        self.freed = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not args.deepspeed and not args.fsdp:
+            self.freed = drop_replaced_base_weights(model)
