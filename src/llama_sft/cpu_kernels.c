@@ -185,3 +185,33 @@ SOFTMAX_XENT(softmax_xent_bf16, uint16_t, bf16_to_float, float_to_bf16)
 
 RMS_NORM(rms_norm_f32, rms_norm_backward_f32, float, IDENTITY, IDENTITY)
 RMS_NORM(rms_norm_bf16, rms_norm_backward_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+/* ---- SwiGLU: silu(gate) * up --------------------------------------------------------------------
+
+   As transformers' LlamaMLP computes it: silu(gate) = gate * sigmoid(gate) in float32, rounded to
+   the input dtype, times up, rounded again. The backward recomputes the sigmoid from gate instead
+   of keeping silu(gate): with a = silu(gate) as rounded in the forward, d_up = dy * a and
+   d_gate = (dy * up) * s * (1 + gate * (1 - s)), the product dy * up rounded first, as PyTorch's
+   product and SiLU backward give them. */
+static inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+#define SWIGLU(FORWARD, BACKWARD, T, LOAD, STORE)                                                     \
+    void FORWARD(const T *gate, const T *up, T *out, int64_t n, int threads) {                        \
+        _Pragma("omp parallel for simd schedule(static) num_threads(threads)")                        \
+        for (int64_t i = 0; i < n; i++) {                                                             \
+            float g = LOAD(gate[i]);                                                                  \
+            out[i] = STORE(LOAD(STORE(g * sigmoid(g))) * LOAD(up[i]));                                \
+        }                                                                                             \
+    }                                                                                                 \
+    void BACKWARD(const T *grad, const T *gate, const T *up, T *d_gate, T *d_up, int64_t n,           \
+                  int threads) {                                                                      \
+        _Pragma("omp parallel for simd schedule(static) num_threads(threads)")                        \
+        for (int64_t i = 0; i < n; i++) {                                                             \
+            float g = LOAD(gate[i]), dy = LOAD(grad[i]), s = sigmoid(g);                              \
+            d_up[i] = STORE(dy * LOAD(STORE(g * s)));                                                 \
+            d_gate[i] = STORE(LOAD(STORE(dy * LOAD(up[i]))) * s * (1.0f + g * (1.0f - s)));           \
+        }                                                                                             \
+    }
+
+SWIGLU(swiglu_f32, swiglu_backward_f32, float, IDENTITY, IDENTITY)
+SWIGLU(swiglu_bf16, swiglu_backward_bf16, uint16_t, bf16_to_float, float_to_bf16)

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for LoRA dropout, the softmax cross-entropy and RMSNorm, built on first use.
+"""Fused CPU kernels for LoRA dropout, the cross-entropy, RMSNorm and SwiGLU, built on first use.
 
 Contract: ``kernels()`` returns the compiled ``cpu_kernels.c`` (through ctypes) or None when it
 cannot be had (no C compiler, a failed build, ``LLAMA_SFT_CPU_KERNELS=0``); every caller has a
@@ -15,6 +15,9 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
   the normalised row rounded to the input dtype, then times ``weight``), and each row's
   1 / sqrt(mean(x^2) + eps); ``rms_norm_backward(grad, x, weight, rstd)``: the gradient of ``x``
   for a frozen ``weight``, from ``x`` and those values alone.
+- ``swiglu(gate, up)``: ``silu(gate) * up`` as transformers' LlamaMLP computes it (the SiLU
+  rounded to the dtype before the product); ``swiglu_backward(grad, gate, up)``: the gradients of
+  ``gate`` and ``up``, the SiLU recomputed from ``gate``.
 
 All take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
 
@@ -114,6 +117,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         norm_backward = getattr(lib, f"rms_norm_backward_{suffix}")
         norm_backward.argtypes = [p, p, p, p, p, i64, i64, i32]
         norm_backward.restype = None
+        swiglu = getattr(lib, f"swiglu_{suffix}")
+        swiglu.argtypes = [p, p, p, i64, i32]
+        swiglu.restype = None
+        swiglu_backward = getattr(lib, f"swiglu_backward_{suffix}")
+        swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
+        swiglu_backward.restype = None
     return lib
 
 
@@ -209,3 +218,25 @@ def rms_norm_backward(
         rstd.numel(), x.shape[-1], torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for contiguous ``gate`` and ``up`` of one shape and dtype; a new tensor."""
+    out = torch.empty_like(gate)
+    kernel = getattr(kernels(), f"swiglu_{DTYPES[gate.dtype]}")
+    kernel(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    return out
+
+
+def swiglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``swiglu``'s ``gate`` and ``up`` given the gradient of its output."""
+    grad = grad.contiguous()
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    kernel = getattr(kernels(), f"swiglu_backward_{DTYPES[gate.dtype]}")
+    kernel(
+        grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(), gate.numel(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return d_gate, d_up

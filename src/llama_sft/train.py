@@ -51,6 +51,7 @@ from .checkpoints import (
 )
 from .collate import Collator
 from .encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
+from .fused_modules import use_fused_modules
 from .model import (
     ModelError,
     attach_lora,
@@ -64,7 +65,6 @@ from .model import (
 from .packing import PackingCollator
 from .planner import dry_run_report
 from .records import DataError, Record, find_data_files, load_records
-from .rms_norm import use_fused_rms_norm
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
 from .tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
@@ -373,9 +373,10 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         with training.main_process_first(desc="CPU kernels"):
             if cpu_kernels.kernels() is not None:
                 logger.info(
-                    "LoRA dropout, the cross-entropy and RMSNorm run as fused CPU kernels (cpu_kernels.c)"
+                    "LoRA dropout, the cross-entropy, RMSNorm and SwiGLU run as fused CPU kernels "
+                    "(cpu_kernels.c)"
                 )
-        use_fused_rms_norm(model)
+        use_fused_modules(model)
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

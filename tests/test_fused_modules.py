@@ -1,14 +1,22 @@
-"""FusedRMSNorm: transformers' LlamaRMSNorm in one CPU kernel, and its swap into a model."""
+"""FusedRMSNorm and FusedSwiGLUMLP: transformers' LlamaRMSNorm and LlamaMLP with CPU kernels, and
+their swap into a model."""
 
 import importlib
 import inspect
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from llama_sft import cpu_kernels
-from llama_sft.rms_norm import LLAMA_RMS_NORMS, FusedRMSNorm, use_fused_rms_norm
+from llama_sft.fused_modules import (
+    LLAMA_MLPS,
+    LLAMA_RMS_NORMS,
+    FusedRMSNorm,
+    FusedSwiGLUMLP,
+    use_fused_modules,
+)
 
 
 def reference_and_fused(dtype, width=48, eps=1e-5):
@@ -73,7 +81,50 @@ def test_trained_weight_or_mixed_dtypes_take_the_reference_formula():
     assert fused(x.bfloat16()).dtype == torch.float32  # promoted, as LlamaRMSNorm does
 
 
-def test_listed_norm_classes_have_llama_forward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_mlp_equals_llama_mlp_and_its_gradients(dtype, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernels, "supports", lambda *tensors: False)
+    elif cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4, hidden_act="silu")
+    reference = LlamaMLP(config).to(dtype)
+    fused = FusedSwiGLUMLP(reference)
+    x = (torch.randn(2, 9, 24) * 3).to(dtype)
+    grad = torch.randn(2, 9, 24).to(dtype)
+    results = []
+    for mlp in (reference, fused):
+        mlp.zero_grad()
+        got, got_grad = forward_backward(mlp, x, grad)
+        results.append((got, got_grad, [p.grad.clone() for p in mlp.parameters()]))
+    (want, want_grad, want_params), (got, got_grad, got_params) = results
+    tolerance = {"rtol": 2**-7, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(got_grad, want_grad, **tolerance)
+    for got_param, want_param in zip(got_params, want_params, strict=True):
+        torch.testing.assert_close(got_param, want_param, **tolerance)
+
+
+def test_mlp_kernel_keeps_gate_and_up_only():
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+    gate = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = cpu_kernels.swiglu(gate.detach(), up.detach())
+        from llama_sft.fused_modules import _SwiGLU
+
+        fused = _SwiGLU.apply(gate, up)
+    assert torch.equal(fused, out)
+    # silu(gate) is rounded to bfloat16 before the product, as LlamaMLP's separate ops round it.
+    assert torch.equal(out, (torch.nn.functional.silu(gate.detach()) * up.detach()))
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up
+
+
+def test_listed_classes_have_llama_forward():
     modules = {
         "MistralRMSNorm": "mistral",
         "MixtralRMSNorm": "mixtral",
@@ -84,6 +135,12 @@ def test_listed_norm_classes_have_llama_forward():
     assert set(modules) == LLAMA_RMS_NORMS - {"LlamaRMSNorm"}
     llama = inspect.getsource(LlamaRMSNorm.forward)
     for name, folder in modules.items():
+        module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+        assert inspect.getsource(getattr(module, name).forward) == llama, name
+    mlps = {"MistralMLP": "mistral", "Qwen2MLP": "qwen2", "Qwen3MLP": "qwen3"}
+    assert set(mlps) == LLAMA_MLPS - {"LlamaMLP"}
+    llama = inspect.getsource(LlamaMLP.forward)
+    for name, folder in mlps.items():
         module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
         assert inspect.getsource(getattr(module, name).forward) == llama, name
 
@@ -97,10 +154,11 @@ def test_swapped_into_a_model_with_the_same_weights_and_outputs(model_dir):
     want = model(input_ids=ids).logits
     keys = list(model.state_dict())
     layers = model.config.num_hidden_layers
-    assert use_fused_rms_norm(model) == 2 * layers + 1
+    assert use_fused_modules(model) == {"norms": 2 * layers + 1, "mlps": layers}
     assert list(model.state_dict()) == keys
-    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
-    assert len(norms) == 2 * layers + 1 and not any(isinstance(m, LlamaRMSNorm) for m in model.modules())
-    # In bfloat16 the norms give the reference's values; a summation order that rounded one of them
-    # differently would move a logit by about one bfloat16 step.
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(FusedRMSNorm) == 2 * layers + 1 and kinds.count(FusedSwiGLUMLP) == layers
+    assert LlamaRMSNorm not in kinds and LlamaMLP not in kinds
+    # In bfloat16 the kernels give the reference's values; a summation order or an exp that
+    # rounded one of them differently would move a logit by about one bfloat16 step.
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=2e-2)
