@@ -8,7 +8,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
 
     all                 the default path: packed row, record-by-record attention, BitsDropout,
                         labelled-only lm_head fused with the loss and both gradients in the
-                        forward, bfloat16 residual stream, our autocast
+                        forward, bfloat16 residual stream, our autocast, fused norms and MLPs
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
@@ -19,6 +19,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -fused-ce           torch's cross_entropy on the model's logits (float32 upcast, as usual)
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
+    -fused-modules      transformers' own RMSNorm and MLP modules (PyTorch's ops)
 
 The optimizer step is the same for every variant and is left out. On a GPU (when one is seen) the
 step runs there and each time ends with a synchronisation; the CPU-only variants are then the same
@@ -54,6 +55,7 @@ VARIANTS = (
     "-fused-ce",
     "-base-dtype-residual",
     "-own-autocast",
+    "-fused-modules",
 )
 
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.collate import Collator
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
+    from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, use_fused_modules
     from llama_sft.model import attach_lora, keep_residual_in_base_dtype
     from llama_sft.packing import PackingCollator
     from llama_sft.records import load_records
@@ -107,6 +110,17 @@ def main(argv: list[str] | None = None) -> None:
         modules_to_save="embed_tokens,lm_head",
     )
     model = attach_lora(base, lora).to(device).train()
+    kinds = LLAMA_RMS_NORMS | LLAMA_MLPS
+    originals = {name: m for name, m in model.named_modules() if type(m).__name__ in kinds}
+    if device.type == "cpu":  # as train.py does
+        use_fused_modules(model)
+    fused = {name: model.get_submodule(name) for name in originals}
+
+    def set_modules(chosen: dict) -> None:
+        for name, module in chosen.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+
     config = model.get_base_model().config
     packed, padded = PackingCollator()(examples), Collator(tokenizer.pad_id)(examples)
     packed, padded = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, padded))
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(variant: str) -> None:
         nonlocal residual_hook
+        set_modules(originals if variant == "-fused-modules" else fused)
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
         if residual_hook is not None:

@@ -11,12 +11,14 @@ from llama_sft.demo import make_model
 from llama_sft.model import attach_lora, keep_residual_in_base_dtype
 from llama_sft.packing import PackingCollator
 from llama_sft.trainer import (
+    ComputeDtypeCopy,
     LabelledCrossEntropy,
     LabelledHeadCrossEntropy,
     ReturnFreedMemory,
     SftTrainer,
     ce_chunk_rows,
     cross_entropy_chunks,
+    head_loss_sum,
     head_weight,
     labelled_loss_sum,
 )
@@ -174,17 +176,43 @@ def test_fused_head_loss_and_gradients_match_torch(ops_path):
 
 def test_fused_head_evaluates_in_blocks_of_rows(monkeypatch):
     g = torch.Generator().manual_seed(6)
-    hidden, weight = torch.randn(70, 16, generator=g), torch.randn(40, 16, generator=g)
+    hidden, weight = torch.randn(70, 16, generator=g), torch.randn(40, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 40, (70,), generator=g)
     targets[:9] = -100
     made = []
     monkeypatch.setattr("llama_sft.trainer.EVAL_ROWS", 32)
     monkeypatch.setattr("llama_sft.trainer.F.linear", lambda x, w: made.append(len(x)) or x @ w.t())
+    # A trained weight still requires grad in evaluation; without grad mode no gradient is made.
     with torch.no_grad():
-        loss = LabelledHeadCrossEntropy.apply(hidden, weight, targets)
+        loss = head_loss_sum(hidden, weight, targets)
     assert made == [32, 32, 6]
-    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.detach().t(), targets, reduction="sum")
     assert torch.allclose(loss, ref, rtol=1e-6)
+    made.clear()
+    assert torch.allclose(head_loss_sum(hidden, weight, targets), ref, rtol=1e-6) and made == [70]
+
+
+def test_fused_head_with_a_kept_bfloat16_copy_equals_autocast_and_reuses_it():
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(48, 32, generator=g).bfloat16()
+    weight = torch.randn(300, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (48,), generator=g)
+    copy = ComputeDtypeCopy()
+    results = []
+    for low in (None, copy(weight, torch.bfloat16)):
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = LabelledHeadCrossEntropy.apply(x, weight, targets, low)
+        results.append((loss, *torch.autograd.grad(loss / 48, (x, weight))))
+    for with_autocast, with_copy in zip(*results, strict=True):
+        assert with_copy.dtype == with_autocast.dtype and torch.equal(with_copy, with_autocast)
+    # The buffer took the weight gradient's product, and the next call copies the weight again.
+    buffer = copy.buffer
+    assert not torch.equal(buffer, weight.detach().bfloat16())
+    assert copy(weight, torch.bfloat16) is buffer and torch.equal(buffer, weight.detach().bfloat16())
+    with torch.no_grad():  # evaluation reads it and leaves it
+        head_loss_sum(hidden, weight, targets, buffer)
+    assert torch.equal(buffer, weight.detach().bfloat16())
 
 
 def test_fused_head_under_bfloat16_autocast_keeps_float32_weight_gradient():
