@@ -167,8 +167,8 @@ class SftTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "On a CPU, hand freed heap pages back to the system after every optimizer step. False keeps "
-            "them for the next step, which then need not fault them in again: about 11%% faster on the "
-            "benchmark's workload, at about 220 MiB more peak RSS."
+            "them for the next step, which then need not fault them in again: about 14%% faster on the "
+            "benchmark's workload, at about 200 MiB more peak RSS over its 30 steps and 270 MiB over 150."
         },
     )
     dry_run: bool = field(

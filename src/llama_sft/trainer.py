@@ -324,10 +324,11 @@ class ReturnFreedMemory(TrainerCallback):
     leaves it out.
 
     Why: packed rows change length every step, so activations of new sizes land in new places of
-    glibc's heap, and the holes left by earlier steps stay resident. Over 30 steps of the benchmark
-    peak RSS was 2,252-2,300 MiB with it and 2,473-2,502 MiB without. The price: the next step faults
-    every page it reuses in again. Whole 30-step runs, alternating (session 6): 633-796 tokens/s
-    with it, 712-805 without (means 691 and 770).
+    glibc's heap, and the holes left by earlier steps stay resident. Peak RSS of the benchmark's
+    run (session 7): 2,083-2,105 MiB with it and 2,287-2,324 without over 30 steps; over 150 steps,
+    2,277 and 2,547 MiB (without it, RSS kept rising for 100 steps). The price: the next step faults
+    every page it reuses in again. Whole 30-step runs, alternating: 750-886 tokens/s with it,
+    845-1,013 without (means 823 and 941).
     """
 
     def __init__(self):
