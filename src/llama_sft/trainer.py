@@ -185,8 +185,9 @@ class ComputeDtypeCopy:
     Autocast makes its cast of a float32 weight in a new tensor every step; for a 55,296 x 512
     ``lm_head`` that is 56 MB of fresh memory whose pages fault in: 49 ms a step on the 2-core CPU
     of the benchmark, 10 ms into a buffer already in memory. ``LabelledHeadCrossEntropy`` then
-    reuses the buffer for the weight's gradient product (another 56 MB it no longer allocates, and
-    one such buffer less at the peak), so each call copies the weight again.
+    reuses the buffer for the weight's gradient product (another 56 MB it no longer allocates), so
+    each call copies the weight again. The buffer stays between steps: on the benchmark's run,
+    whole runs were ~7% faster and peak RSS ~60 MiB higher (session 7).
     """
 
     def __init__(self):
