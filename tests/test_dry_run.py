@@ -54,7 +54,7 @@ def test_llama_7b_trainable_count_matches_the_original(tmp_path):
         plan = estimate_memory(
             model, load_dtype=torch.float16, compute_dtype=torch.float16, tokens_per_pass=512,
             labelled_tokens_per_pass=256, gradient_checkpointing=False, zero=2 if deepspeed else 0,
-            deepspeed=deepspeed, world_size=1, device="cuda",
+            frees_base_copies=not deepspeed, world_size=1, device="cuda",
         )  # fmt: skip
         return plan.parts["frozen weights"]
 

@@ -15,6 +15,7 @@ from llama_sft.fused_modules import (
     LLAMA_RMS_NORMS,
     FusedRMSNorm,
     FusedSwiGLUMLP,
+    SwiGLUProduct,
     use_fused_modules,
 )
 
@@ -115,9 +116,7 @@ def test_mlp_kernel_keeps_gate_and_up_only():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = cpu_kernels.swiglu(gate.detach(), up.detach())
-        from llama_sft.fused_modules import _SwiGLU
-
-        fused = _SwiGLU.apply(gate, up)
+        fused = SwiGLUProduct.apply(gate, up)
     assert torch.equal(fused, out)
     # silu(gate) is rounded to bfloat16 before the product, as LlamaMLP's separate ops round it.
     assert torch.equal(out, (torch.nn.functional.silu(gate.detach()) * up.detach()))

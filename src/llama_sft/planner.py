@@ -4,8 +4,8 @@ Contract: ``build_meta_model(args, tokenizer_size)`` builds the model from its `
 the meta device (no memory, no weight files read), resized to the tokenizer and with LoRA
 attached exactly as ``model.attach_lora`` does, so ``count_parameters`` gives the real trainable
 and total counts. ``estimate_memory(...)`` returns the estimated peak memory per device, in bytes,
-by part: frozen weights (load dtype; without DeepSpeed, less the base copies of
-``modules_to_save``, which training frees), trainable weights, gradients and AdamW state (float32),
+by part: frozen weights (load dtype; less the base copies of ``modules_to_save`` where training
+frees them: not under DeepSpeed, nor for a resized vocabulary), trainable weights, gradients and AdamW state (float32),
 divided across devices as the ZeRO stage says, activations of one forward/backward pass (a
 per-token, per-layer rule measured on LLaMA with sdpa attention, or one layer input per layer
 with gradient checkpointing), the vocabulary projection and the runtime itself. It is an estimate:
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .args import TrainArgs
-from .model import attach_lora, replaced_base_modules
+from .model import attach_lora, model_vocab_size, replaced_base_modules
 from .trainer import ce_chunk_rows
 
 GIB = 1024**3
@@ -83,7 +83,7 @@ def estimate_memory(
     labelled_tokens_per_pass: int,
     gradient_checkpointing: bool,
     zero: int,
-    deepspeed: bool,
+    frees_base_copies: bool,
     world_size: int,
     device: str,
 ) -> MemoryPlan:
@@ -96,7 +96,7 @@ def estimate_memory(
     )
     trainable, total = count_parameters(model)
     frozen = total - trainable
-    if not deepspeed:  # freed when training begins (trainer.DropReplacedBaseWeights)
+    if frees_base_copies:  # when training begins (trainer.DropReplacedBaseWeights)
         frozen -= sum(p.numel() for module in replaced_base_modules(model) for p in module.parameters())
     load_bytes = torch.finfo(load_dtype).bits // 8
     half = compute_dtype != torch.float32
@@ -156,7 +156,9 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
         labelled_tokens_per_pass=int(tokens * share),
         gradient_checkpointing=training.gradient_checkpointing,
         zero=zero,
-        deepspeed=bool(training.deepspeed),
+        # PEFT saves the base embeddings of a resized vocabulary with the adapter, so they stay.
+        frees_base_copies=not training.deepspeed
+        and tokenizer_size <= model_vocab_size(args.model.model_name_or_path),
         world_size=world,
         device=device,
     )
