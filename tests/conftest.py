@@ -140,6 +140,15 @@ def train_argv(
     return argv
 
 
+@pytest.fixture
+def built():
+    """Skips a test of the fused CPU kernels themselves where they cannot be built."""
+    from llama_sft import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+
+
 @pytest.fixture(params=["kernels", "torch"])
 def ops_path(request, monkeypatch):
     """Runs a test with the fused CPU kernels, then again with PyTorch's ops (no compiler)."""

@@ -36,12 +36,7 @@ def forward_backward(norm, x, grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["kernels", "torch"])
-def test_equals_llama_rms_norm_and_its_input_gradient(dtype, path, monkeypatch):
-    if path == "torch":
-        monkeypatch.setattr(cpu_kernels, "supports", lambda *tensors: False)
-    elif cpu_kernels.kernels() is None:
-        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+def test_equals_llama_rms_norm_and_its_input_gradient(dtype, ops_path):
     reference, fused = reference_and_fused(dtype)
     x = (torch.randn(2, 37, 48) * 4).to(dtype)  # rows of very different scales
     x[0, 3] *= 1e-3
@@ -59,9 +54,7 @@ def test_equals_llama_rms_norm_and_its_input_gradient(dtype, path, monkeypatch):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_keeps_the_input_and_a_float_per_row(monkeypatch):
-    if cpu_kernels.kernels() is None:
-        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+def test_kernel_keeps_the_input_and_a_float_per_row(built):
     _, fused = reference_and_fused(torch.bfloat16)
     x = torch.randn(3, 10, 48, dtype=torch.bfloat16, requires_grad=True)
     saved = []
@@ -83,12 +76,7 @@ def test_trained_weight_or_mixed_dtypes_take_the_reference_formula():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["kernels", "torch"])
-def test_mlp_equals_llama_mlp_and_its_gradients(dtype, path, monkeypatch):
-    if path == "torch":
-        monkeypatch.setattr(cpu_kernels, "supports", lambda *tensors: False)
-    elif cpu_kernels.kernels() is None:
-        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+def test_mlp_equals_llama_mlp_and_its_gradients(dtype, ops_path):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4, hidden_act="silu")
     reference = LlamaMLP(config).to(dtype)
@@ -108,9 +96,7 @@ def test_mlp_equals_llama_mlp_and_its_gradients(dtype, path, monkeypatch):
         torch.testing.assert_close(got_param, want_param, **tolerance)
 
 
-def test_mlp_kernel_keeps_gate_and_up_only():
-    if cpu_kernels.kernels() is None:
-        pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
+def test_mlp_kernel_keeps_gate_and_up_only(built):
     gate = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
     up = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
     saved = []

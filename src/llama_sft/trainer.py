@@ -115,7 +115,8 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
     The forward computes the logits (under the caller's autocast, as the model's ``lm_head``
     would), overwrites them with their gradient, turns that into the gradients of ``hidden`` and
     ``weight`` and frees it, so one (n, vocab) buffer exists for a moment and none is kept for the
-    backward, which only scales the two small gradients. ``low``, when given, is ``weight`` already
+    backward, which only scales the two small gradients (``head_loss_sum`` calls it only where a
+    gradient will be taken). ``low``, when given, is ``weight`` already
     in the compute dtype (a ``ComputeDtypeCopy``): the products use it, and once they no longer need
     it, the weight's gradient product is written over it instead of into a new tensor.
     """
@@ -130,8 +131,6 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         product_weight = weight if low is None else low
-        if not (need_hidden or need_weight):
-            return head_loss_in_blocks(hidden, product_weight, targets)
         logits = F.linear(hidden, product_weight)
         total = cross_entropy_chunks(logits, targets, logits)  # the logits become their gradient
         grad_hidden = torch.matmul(logits, product_weight).to(hidden.dtype) if need_hidden else None
@@ -194,15 +193,9 @@ class ComputeDtypeCopy:
         self.buffer: torch.Tensor | None = None
 
     def __call__(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffer
-        if (
-            buffer is None
-            or buffer.shape != weight.shape
-            or buffer.dtype != dtype
-            or buffer.device != weight.device
-        ):
-            buffer = self.buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-        return buffer.copy_(weight.detach())
+        if self.buffer is None:  # one weight and one autocast dtype for the whole run
+            self.buffer = torch.empty_like(weight, dtype=dtype)
+        return self.buffer.copy_(weight.detach())
 
 
 # Architectures whose logits are exactly lm_head(last hidden state): no logit scale or soft-capping
