@@ -8,10 +8,12 @@ import torch
 from llama_sft.args import LoraArguments
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
+from llama_sft.kept_gradients import EmbeddingWithKeptGradient, keep_embedding_gradients
 from llama_sft.model import attach_lora, keep_residual_in_base_dtype
 from llama_sft.packing import PackingCollator
 from llama_sft.trainer import (
     ComputeDtypeCopy,
+    HeadSkippingEmptyInput,
     LabelledCrossEntropy,
     LabelledHeadCrossEntropy,
     ReturnFreedMemory,
@@ -145,6 +147,37 @@ def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path):
     assert abs(loss.item() - reference_model(**padded, use_cache=False).loss.item()) < 1e-5
 
 
+def test_trainer_keeps_vocabulary_gradients_in_the_same_memory_with_the_same_values(folder, tmp_path):
+    """On a CPU under bfloat16 autocast, the trained lm_head's and embedding's gradients land in
+    kept memory (``kept_gradients``), over two micro-batches a step and from step to step, with
+    the values of PyTorch's own new gradients."""
+    steps = [PackingCollator()(examples([(20, 8), (11, 4), (33, 10), (6, 2)], seed=s)) for s in (7, 8)]
+    results = {}
+    for kept in (True, False):
+        model = lora_model(folder)
+        if kept:
+            assert keep_embedding_gradients(model) == 1
+        trainer = trainer_for(model, tmp_path, max_tokens_per_pass=40, autocast_dtype=torch.bfloat16)
+        head = model.get_output_embeddings().modules_to_save["default"]
+        assert type(head) is HeadSkippingEmptyInput
+        if not kept:
+            trainer.head_grad = None
+        results[kept] = []
+        for batch in steps:
+            num_items = int((batch["labels"][:, 1:] != -100).sum())
+            trainer.training_step(model, batch, num_items)  # 70 tokens in pieces of at most 40
+            results[kept].append(grads(model))
+            if kept:
+                embedding = model.get_input_embeddings().modules_to_save["default"]
+                assert embedding.weight.grad.data_ptr() == embedding.kept.buffer.data_ptr()
+                assert head.weight.grad.data_ptr() == trainer.head_grad.buffer.data_ptr()
+            model.zero_grad()
+    for with_kept, without in zip(results[True], results[False], strict=True):
+        assert with_kept.keys() == without.keys()
+        for name, value in without.items():
+            assert torch.allclose(with_kept[name], value, rtol=0, atol=1e-7), name
+
+
 def test_cross_entropy_without_grad_gives_the_same_loss(ops_path):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(50, 30, generator=g)
@@ -251,6 +284,17 @@ def test_head_weight_is_the_trained_copy_or_none(folder):
     assert head_weight(lora_model(folder, modules_to_save="embed_tokens", trainable="q_proj,lm_head")) is None
     model.config.model_type = "gemma2"  # its logits are soft-capped after the projection
     assert head_weight(model) is None
+
+
+def test_embedding_gradients_are_kept_for_the_trained_copy_only(folder):
+    model = lora_model(folder)
+    keys = set(model.state_dict())
+    assert keep_embedding_gradients(model) == 1
+    wrapper = model.get_input_embeddings()
+    assert type(wrapper.modules_to_save["default"]) is EmbeddingWithKeptGradient
+    assert type(wrapper.original_module) is torch.nn.Embedding
+    assert set(model.state_dict()) == keys
+    assert keep_embedding_gradients(lora_model(folder, modules_to_save="lm_head")) == 0
 
 
 def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):

@@ -1,0 +1,110 @@
+import os
+
+import torch
+
+from llama_sft.kept_gradients import EmbeddingWithKeptGradient, KeptGradient
+from llama_sft.trainer import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def integer_grads(shape, seed):
+    """Small integers: sums of them are exact in any order, so gradients compare with equality."""
+    return torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(seed)).float()
+
+
+def embedding_pair():
+    torch.manual_seed(0)
+    reference = torch.nn.Embedding(10, 4, padding_idx=2)
+    ours = torch.nn.Embedding(10, 4, padding_idx=2)
+    ours.load_state_dict(reference.state_dict())
+    ours.__class__ = EmbeddingWithKeptGradient
+    ours.kept = KeptGradient()
+    return reference, ours
+
+
+def test_embedding_gradient_equals_torch_in_the_kept_memory_across_steps():
+    reference, ours = embedding_pair()
+    steps = [
+        # ids with repeats and the padding id 2, one micro-batch; then two micro-batches
+        [torch.tensor([[1, 2, 3, 1], [2, 7, 1, 0]])],
+        [torch.tensor([[5, 5, 2]]), torch.tensor([[9, 1, 5]])],
+    ]
+    seed = 0
+    for micro_batches in steps:
+        reference.weight.grad = ours.weight.grad = None  # as the Trainer does after each step
+        for ids in micro_batches:
+            seed += 1
+            out_grad = integer_grads((*ids.shape, 4), seed)
+            reference(ids).backward(out_grad)
+            ours(ids).backward(out_grad)
+        assert torch.equal(ours.weight.grad, reference.weight.grad)
+        assert ours.weight.grad[2].abs().sum() == 0 and ours.weight.grad.abs().sum() > 0
+        # The gradient lives in the kept buffer, the same memory every step, even after a second
+        # micro-batch was added to it.
+        assert ours.weight.grad.data_ptr() == ours.kept.buffer.data_ptr()
+        if micro_batches is steps[0]:
+            first_memory = ours.kept.buffer.data_ptr()
+    assert ours.kept.buffer.data_ptr() == first_memory
+    # The second step's gradient started from zero, not from the first step's.
+    assert ours.weight.grad[3].abs().sum() == 0
+
+
+def test_embedding_outside_training_is_plain_embedding():
+    reference, ours = embedding_pair()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), reference(ids))
+    ours.weight.requires_grad_(False)
+    assert torch.equal(ours(ids), reference(ids).detach())
+    assert ours.kept.buffer is None
+
+
+def test_kept_gradient_takes_memory_only_while_there_is_no_gradient():
+    kept, param = KeptGradient(), torch.nn.Parameter(torch.zeros(3, 2))
+    first = kept.take(param)
+    assert first.shape == (3, 2) and first.data_ptr() == kept.buffer.data_ptr()
+    assert first is not kept.buffer  # a new tensor object, which autograd may adopt as the gradient
+    param.grad = first
+    assert kept.take(param) is None
+    param.grad = None
+    assert kept.take(param).data_ptr() == first.data_ptr()
+
+
+def test_head_runs_an_empty_product_without_autocast():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=False)
+    head.__class__ = HeadSkippingEmptyInput
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        empty = head(torch.randn(1, 0, 8))
+    # float32 under bfloat16 autocast: autocast did not apply, so the weight was not cast.
+    assert empty.shape == (1, 0, 30) and empty.dtype == torch.float32
+    assert empty.grad_fn is not None  # the weight stays in the graph of the model's outputs
+    x = torch.randn(1, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = head(x)
+        assert full.dtype == torch.bfloat16 and torch.equal(full, torch.nn.functional.linear(x, head.weight))
+
+
+def test_fused_head_casts_its_weight_gradient_into_kept_memory():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(48, 32, generator=g).bfloat16()
+    targets = torch.randint(0, 300, (48,), generator=g)
+    start = torch.randn(300, 32, generator=g)
+    weights = {name: torch.nn.Parameter(start.clone()) for name in ("new", "kept")}
+    kept, copy = KeptGradient(), ComputeDtypeCopy()
+    for _step in range(2):
+        for _micro_batch in range(2):
+            for name, weight in weights.items():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    low = copy(weight, torch.bfloat16)
+                    loss = head_loss_sum(hidden, weight, targets, low, kept if name == "kept" else None)
+                (loss / 48).backward()
+        assert torch.equal(weights["kept"].grad, weights["new"].grad)
+        assert weights["kept"].grad.data_ptr() == kept.buffer.data_ptr()
+        for weight in weights.values():
+            weight.grad = None
+    # Without a compute-dtype copy the product is already a new float32 tensor: nothing is kept.
+    unkept = KeptGradient()
+    head_loss_sum(hidden.float(), weights["kept"], targets, None, unkept).backward()
+    assert unkept.buffer is None and weights["kept"].grad is not None
