@@ -8,7 +8,9 @@ every one sees the same machine, and reports the median time and tokens/s of eac
 
     all                 the default path: packed row, record-by-record attention, BitsDropout,
                         labelled-only lm_head fused with the loss and both gradients in the
-                        forward, bfloat16 residual stream, our autocast, fused norms and MLPs
+                        forward, bfloat16 residual stream, our autocast, fused norms and MLPs,
+                        lm_head's weight cast into a kept buffer, the vocabulary gradients in kept
+                        memory (CPU), the model's own lm_head call on no positions outside autocast
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
@@ -20,6 +22,9 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
     -fused-modules      transformers' own RMSNorm and MLP modules (PyTorch's ops)
+    -kept-gradients     new tensors for the embedding's and lm_head's gradients every step
+    -empty-head-outside-autocast  the model's lm_head on no positions under autocast, which casts
+                        its weight
 
 The optimizer step is the same for every variant and is left out. On a GPU (when one is seen) the
 step runs there and each time ends with a synchronisation; the CPU-only variants are then the same
@@ -56,6 +61,8 @@ VARIANTS = (
     "-base-dtype-residual",
     "-own-autocast",
     "-fused-modules",
+    "-kept-gradients",
+    "-empty-head-outside-autocast",
 )
 
 
@@ -82,12 +89,19 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
     from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, use_fused_modules
+    from llama_sft.kept_gradients import EmbeddingWithKeptGradient, KeptGradient, keep_embedding_gradients
     from llama_sft.model import attach_lora, keep_residual_in_base_dtype
     from llama_sft.packing import PackingCollator
     from llama_sft.records import load_records
     from llama_sft.templates import load_template
     from llama_sft.tokenizer import TextTokenizer
-    from llama_sft.trainer import LabelledCrossEntropy, head_weight, labelled_loss_sum
+    from llama_sft.trainer import (
+        ComputeDtypeCopy,
+        HeadSkippingEmptyInput,
+        LabelledCrossEntropy,
+        head_projection,
+        labelled_loss_sum,
+    )
 
     args, workload_args = parse_args(argv)
     bench_args = train_bench.parse_args((["--quick"] if args.quick else []) + workload_args)
@@ -112,8 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     model = attach_lora(base, lora).to(device).train()
     kinds = LLAMA_RMS_NORMS | LLAMA_MLPS
     originals = {name: m for name, m in model.named_modules() if type(m).__name__ in kinds}
-    if device.type == "cpu":  # as train.py does
+    head, head_copy, head_grad = head_projection(model), ComputeDtypeCopy(), KeptGradient()
+    embedding = model.get_input_embeddings().modules_to_save["default"]
+    if device.type == "cpu":  # as train.py and SftTrainer do
         use_fused_modules(model)
+        keep_embedding_gradients(model)
     fused = {name: model.get_submodule(name) for name in originals}
 
     def set_modules(chosen: dict) -> None:
@@ -140,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         if residual_hook is not None:
             residual_hook.remove()
         residual_hook = None if variant == "-base-dtype-residual" else keep_residual_in_base_dtype(model)
+        kept = device.type == "cpu" and variant != "-kept-gradients"
+        embedding.__class__ = EmbeddingWithKeptGradient if kept else torch.nn.Embedding
+        empty_head = torch.nn.Linear if variant == "-empty-head-outside-autocast" else HeadSkippingEmptyInput
+        head.__class__ = empty_head
         inputs = dict(padded if variant == "-packing" else packed)
         own = variant != "-own-autocast"
         own_loss = variant in ("-labelled-lm_head", "-fused-ce", "-own-autocast")
@@ -148,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             disable_input_dtype_casting(model, active=own),
         ):
             if not own_loss:
-                weight = None if variant == "-fused-head" else head_weight(model)
-                loss, count, _ = labelled_loss_sum(model, inputs, weight)
+                weight = None if variant == "-fused-head" else head.weight
+                low = None if weight is None else head_copy(weight, torch.bfloat16)
+                loss, count, _ = labelled_loss_sum(model, inputs, weight, low, head_grad if kept else None)
                 (loss / count).backward()
                 model.zero_grad(set_to_none=True)
                 return
