@@ -269,8 +269,8 @@ def labelled_loss_sum(
 
     With ``weight``, the output projection's weight (``head_weight``), the model stops at its last
     hidden state and ``head_loss_sum`` projects and scores it (with ``low``, that weight in the
-    compute dtype, and ``kept``, memory for its gradient, if given); otherwise the model computes the logits and
-    ``LabelledCrossEntropy`` scores them.
+    compute dtype, and ``kept``, memory for its gradient, if given); otherwise the model computes
+    the logits and ``LabelledCrossEntropy`` scores them.
     """
     inputs = dict(inputs)
     targets = inputs.pop("labels")[:, 1:]
@@ -282,7 +282,8 @@ def labelled_loss_sum(
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         loss = LabelledCrossEntropy.apply(outputs.logits.flatten(0, 1), picked.flatten())
         return loss, count, outputs
-    # No logits from the model (its lm_head sees no position and, off the loss, gets no backward).
+    # No logits from the model (its lm_head sees no position and, off the loss, gets no backward;
+    # SftTrainer makes that empty call skip autocast's cast of the weight: HeadSkippingEmptyInput).
     outputs = model(**inputs, logits_to_keep=keep[:0], output_hidden_states=True, use_cache=False)
     hidden = outputs.hidden_states[-1][:, keep]
     loss = head_loss_sum(hidden.flatten(0, 1), weight, picked.flatten(), low, kept)
