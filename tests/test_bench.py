@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping: which repeat of a run is reported."""
+"""The benchmark's bookkeeping: which repeat of a run is reported, and which GEMM rate MFU divides by."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ def test_even_count_reports_the_slower_middle_and_skips_failures():
     assert chosen["repeats"][1] == failed
     assert train_bench.median_run([failed]) == failed
     assert "repeats" not in train_bench.median_run([run(650.0)])
+
+
+def test_mfu_divides_by_the_best_rate_measured_for_its_dtype():
+    rates = {"float32": 300.0, "bfloat16": 900.0}
+    runs = [
+        {"name": "original-bs8", "dtype": "float32", "gemm_gflops": 280.0},
+        {"name": "llama-sft", "dtype": "bfloat16", "gemm_gflops": 1600.0},
+        {"name": "llama-sft", "dtype": "bfloat16", "gemm_gflops": 700.0},
+        {"name": "trl", "error": "failed"},
+    ]
+    assert train_bench.best_gemm_rates(rates, runs) == {"float32": 300.0, "bfloat16": 1600.0}
