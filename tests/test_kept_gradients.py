@@ -50,14 +50,20 @@ def test_embedding_gradient_equals_torch_in_the_kept_memory_across_steps():
     assert ours.weight.grad[3].abs().sum() == 0
 
 
-def test_embedding_outside_training_is_plain_embedding():
+def test_embedding_takes_torch_path_where_the_kept_one_does_not_apply():
     reference, ours = embedding_pair()
-    ids = torch.tensor([[1, 2, 3]])
+    ids = torch.tensor([[1, 2, 3, 1]])
+    assert type(ours(ids).grad_fn).__name__ == "_EmbeddingKeptGradientBackward"
+    # An option the kept gradient does not implement: nn.Embedding's own backward, same gradient.
+    reference.scale_grad_by_freq = ours.scale_grad_by_freq = True
+    out_grad = integer_grads((1, 4, 4), 9)
+    out = ours(ids)
+    assert type(out.grad_fn).__name__ == "EmbeddingBackward0"
+    out.backward(out_grad)
+    reference(ids).backward(out_grad)
+    assert torch.equal(ours.weight.grad, reference.weight.grad) and ours.kept.buffer is None
     with torch.no_grad():
-        assert torch.equal(ours(ids), reference(ids))
-    ours.weight.requires_grad_(False)
-    assert torch.equal(ours(ids), reference(ids).detach())
-    assert ours.kept.buffer is None
+        assert torch.equal(ours(ids), reference(ids)) and ours(ids).grad_fn is None
 
 
 def test_kept_gradient_takes_memory_only_while_there_is_no_gradient():

@@ -1,7 +1,7 @@
 """Gradients of the vocabulary-sized matrices written into memory kept from step to step (CPU).
 
-Contract: ``KeptGradient.take(param)`` returns a tensor shaped like ``param`` in one buffer that
-lives as long as the ``KeptGradient``, for a gradient that autograd will store as ``param.grad``;
+Contract: a ``KeptGradient`` serves one parameter for a whole run. ``take(param)`` returns a
+tensor shaped like ``param`` in one buffer that lives as long as the ``KeptGradient``, for a gradient that autograd will store as ``param.grad``;
 None when ``param`` already has a gradient (a second micro-batch of the same optimizer step), which
 then needs a new tensor for autograd to add to it. The returned tensor is a new tensor object
 viewing the buffer, which autograd adopts as ``param.grad`` without a copy; when the Trainer drops
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft.utils import ModulesToSaveWrapper
+
+from .model import serving_module
 
 
 class KeptGradient:
@@ -36,7 +37,7 @@ class KeptGradient:
     def take(self, param: torch.Tensor) -> torch.Tensor | None:
         if param.grad is not None:
             return None
-        if self.buffer is None or self.buffer.shape != param.shape or self.buffer.dtype != param.dtype:
+        if self.buffer is None:  # one parameter for the whole run
             self.buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
         return self.buffer.view(param.shape)
 
@@ -80,9 +81,7 @@ class EmbeddingWithKeptGradient(torch.nn.Embedding):
 def keep_embedding_gradients(model: torch.nn.Module) -> int:
     """Give ``EmbeddingWithKeptGradient``'s class to the model's trained input embeddings; returns
     how many."""
-    embeddings = model.get_input_embeddings()
-    if isinstance(embeddings, ModulesToSaveWrapper):
-        embeddings = embeddings.modules_to_save[embeddings.active_adapter]
+    embeddings = serving_module(model.get_input_embeddings())
     if type(embeddings) is not torch.nn.Embedding or not embeddings.weight.requires_grad:
         return 0
     embeddings.__class__ = EmbeddingWithKeptGradient

@@ -198,6 +198,17 @@ def keep_residual_in_base_dtype(model: torch.nn.Module) -> torch.utils.hooks.Rem
     return embedding.register_forward_hook(cast)
 
 
+def serving_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that runs in ``module``'s place: for PEFT's ``modules_to_save`` wrapper, the
+    trained copy of its active adapter, or the base module when adapters are off or the active one
+    has no copy; any other module is itself."""
+    if not isinstance(module, ModulesToSaveWrapper):
+        return module
+    if module.disable_adapters or module.active_adapter not in module.modules_to_save:
+        return module.original_module
+    return module.modules_to_save[module.active_adapter]
+
+
 def replaced_base_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The base modules whose ``modules_to_save`` copy serves every active adapter of ``model``."""
     return [

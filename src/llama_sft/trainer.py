@@ -31,13 +31,12 @@ import ctypes
 import torch
 import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
-from peft.utils import ModulesToSaveWrapper
 from transformers import Trainer, TrainerCallback
 
 from . import cpu_kernels
 from .encode import IGNORE_INDEX
 from .kept_gradients import KeptGradient
-from .model import drop_replaced_base_weights
+from .model import drop_replaced_base_weights, serving_module
 from .packing import split_packed
 
 # Rows of logits turned into gradient at a time on a CPU: 16 x 55,296 float32 values stay near the
@@ -241,12 +240,7 @@ def head_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
     anything else (a LoRA layer on ``lm_head``, another architecture)."""
     if model.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
         return None
-    head = model.get_output_embeddings()
-    if isinstance(head, ModulesToSaveWrapper):
-        if head.disable_adapters or head.active_adapter not in head.modules_to_save:
-            head = head.original_module
-        else:
-            head = head.modules_to_save[head.active_adapter]
+    head = serving_module(model.get_output_embeddings())
     if type(head) in (torch.nn.Linear, HeadSkippingEmptyInput) and head.bias is None:
         return head
     return None
