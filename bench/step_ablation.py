@@ -22,7 +22,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
     -fused-modules      transformers' own RMSNorm and MLP modules (PyTorch's ops)
-    -kept-gradients     new tensors for the embedding's and lm_head's gradients every step
+    -kept-gradients     new tensors for the embedding's and lm_head's gradients and the head's logits every step
     -empty-head-outside-autocast  the model's lm_head on no positions under autocast, which casts
                         its weight
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
     from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, use_fused_modules
-    from llama_sft.kept_gradients import EmbeddingWithKeptGradient, KeptGradient, keep_embedding_gradients
+    from llama_sft.kept_gradients import EmbeddingWithKeptGradient, HeadMemory, keep_embedding_gradients
     from llama_sft.model import attach_lora, keep_residual_in_base_dtype
     from llama_sft.packing import PackingCollator
     from llama_sft.records import load_records
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     model = attach_lora(base, lora).to(device).train()
     kinds = LLAMA_RMS_NORMS | LLAMA_MLPS
     originals = {name: m for name, m in model.named_modules() if type(m).__name__ in kinds}
-    head, head_copy, head_grad = head_projection(model), ComputeDtypeCopy(), KeptGradient()
+    head, head_copy, head_memory = head_projection(model), ComputeDtypeCopy(), HeadMemory()
     embedding = model.get_input_embeddings().modules_to_save["default"]
     if device.type == "cpu":  # as train.py and SftTrainer do
         use_fused_modules(model)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             if not own_loss:
                 weight = None if variant == "-fused-head" else head.weight
                 low = None if weight is None else head_copy(weight, torch.bfloat16)
-                loss, count, _ = labelled_loss_sum(model, inputs, weight, low, head_grad if kept else None)
+                loss, count, _ = labelled_loss_sum(model, inputs, weight, low, head_memory if kept else None)
                 (loss / count).backward()
                 model.zero_grad(set_to_none=True)
                 return

@@ -161,7 +161,7 @@ def test_trainer_keeps_vocabulary_gradients_in_the_same_memory_with_the_same_val
         head = model.get_output_embeddings().modules_to_save["default"]
         assert type(head) is HeadSkippingEmptyInput
         if not kept:
-            trainer.head_grad = None
+            trainer.head_memory = None
         results[kept] = []
         for batch in steps:
             num_items = int((batch["labels"][:, 1:] != -100).sum())
@@ -170,7 +170,7 @@ def test_trainer_keeps_vocabulary_gradients_in_the_same_memory_with_the_same_val
             if kept:
                 embedding = model.get_input_embeddings().modules_to_save["default"]
                 assert embedding.weight.grad.data_ptr() == embedding.kept.buffer.data_ptr()
-                assert head.weight.grad.data_ptr() == trainer.head_grad.buffer.data_ptr()
+                assert head.weight.grad.data_ptr() == trainer.head_memory.grad.buffer.data_ptr()
             model.zero_grad()
     for with_kept, without in zip(results[True], results[False], strict=True):
         assert with_kept.keys() == without.keys()

@@ -2,7 +2,13 @@ import os
 
 import torch
 
-from llama_sft.kept_gradients import EmbeddingWithKeptGradient, KeptGradient
+from llama_sft.kept_gradients import (
+    KEPT_ROWS_SLACK,
+    EmbeddingWithKeptGradient,
+    HeadMemory,
+    KeptGradient,
+    KeptRows,
+)
 from llama_sft.trainer import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,25 +98,44 @@ def test_head_runs_an_empty_product_without_autocast():
         assert full.dtype == torch.bfloat16 and torch.equal(full, torch.nn.functional.linear(x, head.weight))
 
 
-def test_fused_head_casts_its_weight_gradient_into_kept_memory():
+def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_memory():
+    """Micro-batches of 48 then 20 labelled rows, over two steps: the same loss and gradients as
+    with new tensors, the logits in one buffer throughout and the weight gradient in another."""
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(48, 32, generator=g).bfloat16()
     targets = torch.randint(0, 300, (48,), generator=g)
+    targets[::7] = -100
     start = torch.randn(300, 32, generator=g)
     weights = {name: torch.nn.Parameter(start.clone()) for name in ("new", "kept")}
-    kept, copy = KeptGradient(), ComputeDtypeCopy()
+    kept, copy = HeadMemory(), ComputeDtypeCopy()
     for _step in range(2):
-        for _micro_batch in range(2):
+        for rows in (48, 20):
+            losses = {}
             for name, weight in weights.items():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     low = copy(weight, torch.bfloat16)
-                    loss = head_loss_sum(hidden, weight, targets, low, kept if name == "kept" else None)
-                (loss / 48).backward()
+                    memory = kept if name == "kept" else None
+                    losses[name] = head_loss_sum(hidden[:rows], weight, targets[:rows], low, memory)
+                (losses[name] / 48).backward()
+            assert torch.equal(losses["kept"], losses["new"])
+            assert kept.logits.buffer.numel() == (48 + KEPT_ROWS_SLACK) * 300
         assert torch.equal(weights["kept"].grad, weights["new"].grad)
-        assert weights["kept"].grad.data_ptr() == kept.buffer.data_ptr()
+        assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr()
         for weight in weights.values():
             weight.grad = None
-    # Without a compute-dtype copy the product is already a new float32 tensor: nothing is kept.
-    unkept = KeptGradient()
+    # Without a compute-dtype copy the products are new float32 tensors: nothing is kept.
+    unkept = HeadMemory()
     head_loss_sum(hidden.float(), weights["kept"], targets, None, unkept).backward()
-    assert unkept.buffer is None and weights["kept"].grad is not None
+    assert unkept.grad.buffer is None and unkept.logits.buffer is None and weights["kept"].grad is not None
+
+
+def test_kept_rows_grow_only_when_more_rows_are_needed():
+    rows = KeptRows()
+    first = rows.take(10, 4, torch.bfloat16)
+    assert first.shape == (10, 4) and rows.buffer.numel() == (10 + KEPT_ROWS_SLACK) * 4
+    buffer = rows.buffer
+    assert rows.take(10 + KEPT_ROWS_SLACK, 4, torch.bfloat16).data_ptr() == buffer.data_ptr()
+    assert rows.take(3, 4, torch.bfloat16).shape == (3, 4) and rows.buffer is buffer
+    grown = rows.take(11 + KEPT_ROWS_SLACK, 4, torch.bfloat16)
+    assert grown.shape == (11 + KEPT_ROWS_SLACK, 4) and rows.buffer is not buffer
+    assert rows.take(2, 4, torch.float32).dtype == torch.float32

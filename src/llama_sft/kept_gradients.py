@@ -14,15 +14,27 @@ none to ``padding_idx``). ``keep_embedding_gradients(model)`` gives the class to
 trained embeddings (with ``modules_to_save``, PEFT's trained copy), keeping weights and state
 dict keys. ``SftTrainer`` takes the trained ``lm_head``'s gradient the same way on a CPU.
 
+``KeptRows`` is memory for a (rows, columns) tensor whose row count changes from step to step:
+``take(rows, columns, dtype)`` returns a view of one buffer, grown (never shrunk) when a step needs
+more rows; what was written there by an earlier call is overwritten. ``HeadMemory`` holds what the
+fused output projection (``trainer.LabelledHeadCrossEntropy``) writes from step to step: its
+logits, which become their own gradient, in a ``KeptRows``, and its weight's gradient in a
+``KeptGradient``.
+
 Why: a 55,296 x 512 float32 gradient is 113 MB, above glibc's largest ``mmap`` threshold (32 MiB),
 so each new one is mapped afresh and its pages fault in as it is first written; the Trainer drops
 the gradients after every optimizer step. In a profile of the benchmark's run on the 2-core CPU
 (session 8), zeroing the embedding's new gradient took 67 ms a step and casting ``lm_head``'s
-gradient to float32 into a new tensor 66 ms; ~8-11 ms each into memory already there. On a GPU,
-PyTorch's caching allocator already reuses the memory.
+gradient to float32 into a new tensor 66 ms; ~8-11 ms each into memory already there. The
+logits of the labelled positions (1,304 x 55,296 bfloat16, 144 MB, on one of the benchmark's steps)
+are new every step too: their product took 96 ms into a new tensor and 49 ms into memory already
+there (medians of 25, interleaved, session 9). On a GPU, PyTorch's caching allocator already
+reuses the memory.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +52,29 @@ class KeptGradient:
         if self.buffer is None:  # one parameter for the whole run
             self.buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
         return self.buffer.view(param.shape)
+
+
+# A grown buffer gets this many rows more than asked for, so that a run whose steps need a few
+# rows more each time does not allocate (and fault in) a new buffer at every step.
+KEPT_ROWS_SLACK = 256
+
+
+class KeptRows:
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        needed = rows * columns
+        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.numel() < needed:
+            self.buffer = None  # the old buffer goes before the new one is made
+            self.buffer = torch.empty((rows + KEPT_ROWS_SLACK) * columns, dtype=dtype)
+        return self.buffer[:needed].view(rows, columns)
+
+
+@dataclass
+class HeadMemory:
+    logits: KeptRows = field(default_factory=KeptRows)
+    grad: KeptGradient = field(default_factory=KeptGradient)
 
 
 class _EmbeddingKeptGradient(torch.autograd.Function):

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import cpu_kernels
 from .encode import IGNORE_INDEX
-from .kept_gradients import KeptGradient
+from .kept_gradients import HeadMemory
 from .model import drop_replaced_base_weights, serving_module
 from .packing import split_packed
 
@@ -118,9 +118,10 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
     backward, which only scales the two small gradients (``head_loss_sum`` calls it only where a
     gradient will be taken). ``low``, when given, is ``weight`` already
     in the compute dtype (a ``ComputeDtypeCopy``): the products use it, and once they no longer need
-    it, the weight's gradient product is written over it instead of into a new tensor.
-    ``grad_into``, given with ``low``, is where that product is cast to the weight's dtype
-    (``KeptGradient.take``) instead of a new tensor.
+    it, the weight's gradient product is written over it instead of into a new tensor. Given with
+    ``low``, ``logits_into`` (n, vocab) is where the logits are made (``KeptRows.take``) and
+    ``grad_into`` where the weight's gradient product is cast to the weight's dtype
+    (``KeptGradient.take``), instead of new tensors.
     """
 
     @staticmethod
@@ -130,11 +131,15 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         low: torch.Tensor | None = None,
+        logits_into: torch.Tensor | None = None,
         grad_into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         product_weight = weight if low is None else low
-        logits = F.linear(hidden, product_weight)
+        if logits_into is None:
+            logits = F.linear(hidden, product_weight)
+        else:
+            logits = torch.mm(hidden.to(low.dtype), low.t(), out=logits_into)
         total = cross_entropy_chunks(logits, targets, logits)  # the logits become their gradient
         grad_hidden = torch.matmul(logits, product_weight).to(hidden.dtype) if need_hidden else None
         grad_weight = None
@@ -162,6 +167,7 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -179,16 +185,18 @@ def head_loss_sum(
     weight: torch.Tensor,
     targets: torch.Tensor,
     low: torch.Tensor | None = None,
-    kept: KeptGradient | None = None,
+    kept: HeadMemory | None = None,
 ) -> torch.Tensor:
-    """``LabelledHeadCrossEntropy`` where a gradient will be taken; in evaluation (grad mode off),
-    ``head_loss_in_blocks``. An autograd function cannot tell the two apart: its inputs still
-    require grad under ``torch.no_grad()``, so it would make both gradients for nothing."""
+    """``LabelledHeadCrossEntropy`` where a gradient will be taken, into ``kept`` memory when it
+    and ``low`` are given; in evaluation (grad mode off), ``head_loss_in_blocks``. An autograd
+    function cannot tell the two apart: its inputs still require grad under ``torch.no_grad()``,
+    so it would make both gradients for nothing."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        grad_into = (
-            kept.take(weight) if kept is not None and low is not None and weight.requires_grad else None
-        )
-        return LabelledHeadCrossEntropy.apply(hidden, weight, targets, low, grad_into)
+        logits_into = grad_into = None
+        if kept is not None and low is not None:
+            logits_into = kept.logits.take(hidden.shape[0], low.shape[0], low.dtype)
+            grad_into = kept.grad.take(weight) if weight.requires_grad else None
+        return LabelledHeadCrossEntropy.apply(hidden, weight, targets, low, logits_into, grad_into)
     return head_loss_in_blocks(hidden, weight if low is None else low, targets)
 
 
@@ -257,13 +265,13 @@ def labelled_loss_sum(
     inputs: dict[str, torch.Tensor],
     weight: torch.nn.Parameter | None = None,
     low: torch.Tensor | None = None,
-    kept: KeptGradient | None = None,
+    kept: HeadMemory | None = None,
 ):
     """(summed loss, number of labelled tokens, model outputs) of one batch; ``inputs`` holds labels.
 
     With ``weight``, the output projection's weight (``head_weight``), the model stops at its last
     hidden state and ``head_loss_sum`` projects and scores it (with ``low``, that weight in the
-    compute dtype, and ``kept``, memory for its gradient, if given); otherwise the model computes
+    compute dtype, and ``kept``, memory for its logits and gradient, if given); otherwise the model computes
     the logits and ``LabelledCrossEntropy`` scores them.
     """
     inputs = dict(inputs)
@@ -296,9 +304,9 @@ class SftTrainer(Trainer):
         self.max_tokens_per_pass = max_tokens_per_pass
         self.autocast_dtype = autocast_dtype
         self.head_copy = ComputeDtypeCopy()
-        # On a CPU, the trained lm_head's gradient goes to kept memory (``KeptGradient``); a GPU's
-        # caching allocator already reuses it.
-        self.head_grad = KeptGradient() if self.args.device.type == "cpu" else None
+        # On a CPU, the fused head's logits and the trained lm_head's gradient go to kept memory
+        # (``HeadMemory``); a GPU's caching allocator already reuses it.
+        self.head_memory = HeadMemory() if self.args.device.type == "cpu" else None
         head = self.fused_head(self.model)
         if head is not None:
             head.__class__ = HeadSkippingEmptyInput
@@ -342,7 +350,7 @@ class SftTrainer(Trainer):
         if weight is not None and self.autocast_dtype not in (None, weight.dtype):
             low = self.head_copy(weight, self.autocast_dtype)
         with disable_input_dtype_casting(model, active=self.autocast_dtype is not None):
-            loss, count, outputs = labelled_loss_sum(model, inputs, weight, low, self.head_grad)
+            loss, count, outputs = labelled_loss_sum(model, inputs, weight, low, self.head_memory)
         if num_items_in_batch is None:
             loss = loss / count.clamp_min(1)
         else:
