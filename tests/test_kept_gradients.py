@@ -98,7 +98,7 @@ def test_head_runs_an_empty_product_without_autocast():
         assert full.dtype == torch.bfloat16 and torch.equal(full, torch.nn.functional.linear(x, head.weight))
 
 
-def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_memory():
+def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_memory(ops_path):
     """Micro-batches of 48 then 20 labelled rows, over two steps: the same loss and gradients as
     with new tensors, the logits in one buffer throughout and the weight gradient in another."""
     g = torch.Generator().manual_seed(3)
@@ -118,7 +118,7 @@ def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_mem
                     losses[name] = head_loss_sum(hidden[:rows], weight, targets[:rows], low, memory)
                 (losses[name] / 48).backward()
             assert torch.equal(losses["kept"], losses["new"])
-            assert kept.logits.buffer.numel() == (48 + KEPT_ROWS_SLACK) * 300
+            assert kept.logits.buffer.numel() == (48 + KEPT_ROWS_SLACK) * 300 * 2  # bytes
         assert torch.equal(weights["kept"].grad, weights["new"].grad)
         assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr()
         for weight in weights.values():
@@ -132,10 +132,27 @@ def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_mem
 def test_kept_rows_grow_only_when_more_rows_are_needed():
     rows = KeptRows()
     first = rows.take(10, 4, torch.bfloat16)
-    assert first.shape == (10, 4) and rows.buffer.numel() == (10 + KEPT_ROWS_SLACK) * 4
+    assert first.shape == (10, 4) and rows.buffer.numel() == (10 + KEPT_ROWS_SLACK) * 4 * 2
     buffer = rows.buffer
     assert rows.take(10 + KEPT_ROWS_SLACK, 4, torch.bfloat16).data_ptr() == buffer.data_ptr()
     assert rows.take(3, 4, torch.bfloat16).shape == (3, 4) and rows.buffer is buffer
+    assert rows.take(5 + KEPT_ROWS_SLACK // 2, 4, torch.float32).data_ptr() == buffer.data_ptr()
     grown = rows.take(11 + KEPT_ROWS_SLACK, 4, torch.bfloat16)
     assert grown.shape == (11 + KEPT_ROWS_SLACK, 4) and rows.buffer is not buffer
-    assert rows.take(2, 4, torch.float32).dtype == torch.float32
+
+
+def test_a_gradient_lent_the_rows_buffer_keeps_it_until_it_is_dropped():
+    rows = KeptRows()
+    rows.take(2, 3, torch.bfloat16)  # (2 + 256) x 3 x 2 bytes: too small for the gradient
+    param = torch.nn.Parameter(torch.zeros(100, 8))
+    kept = KeptGradient(rows)
+    grad = kept.take(param)
+    assert grad.shape == (100, 8) and grad.dtype == torch.float32
+    assert grad.data_ptr() == rows.buffer.data_ptr() and rows.buffer.numel() == 100 * 8 * 4
+    param.grad = grad.fill_(1.0)
+    assert kept.take(param) is None
+    logits = rows.take(8, 3, torch.bfloat16)  # while the gradient lives, the logits get new memory
+    assert logits.data_ptr() != rows.buffer.data_ptr() and torch.equal(param.grad, torch.ones(100, 8))
+    param.grad = None
+    assert rows.take(8, 3, torch.bfloat16).data_ptr() == rows.buffer.data_ptr()
+    assert kept.buffer is None  # nothing of its own

@@ -1,25 +1,30 @@
 """Gradients of the vocabulary-sized matrices written into memory kept from step to step (CPU).
 
 Contract: a ``KeptGradient`` serves one parameter for a whole run. ``take(param)`` returns a
-tensor shaped like ``param`` in one buffer that lives as long as the ``KeptGradient``, for a gradient that autograd will store as ``param.grad``;
-None when ``param`` already has a gradient (a second micro-batch of the same optimizer step), which
-then needs a new tensor for autograd to add to it. The returned tensor is a new tensor object
-viewing the buffer, which autograd adopts as ``param.grad`` without a copy; when the Trainer drops
-``param.grad`` after the optimizer step, the buffer stays. Whoever keeps a step's ``param.grad``
-past the next forward sees it overwritten.
+tensor shaped like ``param`` in memory that lives as long as the ``KeptGradient``, for a gradient
+that autograd will store as ``param.grad``; None when ``param`` already has a gradient (a second
+micro-batch of the same optimizer step), which then needs a new tensor for autograd to add to it.
+The returned tensor is a new tensor object viewing that memory, which autograd adopts as
+``param.grad`` without a copy; when the Trainer drops ``param.grad`` after the optimizer step, the
+memory stays. Whoever keeps a step's ``param.grad`` past the next forward sees it overwritten.
 
-``EmbeddingWithKeptGradient`` is ``nn.Embedding`` whose weight gradient is made that way: the
-same values as PyTorch's (zero, then each position's output gradient added to its token's row,
-none to ``padding_idx``). ``keep_embedding_gradients(model)`` gives the class to the model's
-trained embeddings (with ``modules_to_save``, PEFT's trained copy), keeping weights and state
-dict keys. ``SftTrainer`` takes the trained ``lm_head``'s gradient the same way on a CPU.
+``KeptRows`` is memory for a (rows, columns) tensor whose row count changes from step to step, used
+for a moment within a forward: ``take(rows, columns, dtype)`` returns a view of one buffer, grown
+(never shrunk) when a step needs more; what an earlier call wrote there is overwritten. A
+``KeptGradient`` made with ``KeptGradient(rows)`` lends that buffer to its gradient instead of
+having one of its own; while the gradient is alive (``param.grad`` set), ``take`` returns new
+memory.
 
-``KeptRows`` is memory for a (rows, columns) tensor whose row count changes from step to step:
-``take(rows, columns, dtype)`` returns a view of one buffer, grown (never shrunk) when a step needs
-more rows; what was written there by an earlier call is overwritten. ``HeadMemory`` holds what the
-fused output projection (``trainer.LabelledHeadCrossEntropy``) writes from step to step: its
-logits, which become their own gradient, in a ``KeptRows``, and its weight's gradient in a
-``KeptGradient``.
+``EmbeddingWithKeptGradient`` is ``nn.Embedding`` whose weight gradient is made by a
+``KeptGradient``: the same values as PyTorch's (zero, then each position's output gradient added
+to its token's row, none to ``padding_idx``). ``keep_embedding_gradients(model, rows)`` gives the
+class to the model's trained embeddings (with ``modules_to_save``, PEFT's trained copy), keeping
+weights and state dict keys. ``HeadMemory`` holds what the fused output projection
+(``trainer.LabelledHeadCrossEntropy``) writes from step to step: its logits, which become their
+own gradient, in a ``KeptRows``, and its weight's gradient in a ``KeptGradient``. ``SftTrainer``
+uses both on a CPU, the embedding's gradient in the logits' memory: the logits live only within
+the output projection's forward, the embedding's gradient from the end of the backward to the
+optimizer step.
 
 Why: a 55,296 x 512 float32 gradient is 113 MB, above glibc's largest ``mmap`` threshold (32 MiB),
 so each new one is mapped afresh and its pages fault in as it is first written; the Trainer drops
@@ -28,8 +33,9 @@ the gradients after every optimizer step. In a profile of the benchmark's run on
 gradient to float32 into a new tensor 66 ms; ~8-11 ms each into memory already there. The
 logits of the labelled positions (1,304 x 55,296 bfloat16, 144 MB, on one of the benchmark's steps)
 are new every step too: their product took 96 ms into a new tensor and 49 ms into memory already
-there (medians of 25, interleaved, session 9). On a GPU, PyTorch's caching allocator already
-reuses the memory.
+there (medians of 25, interleaved, session 9). Sharing one buffer between the logits and the
+embedding's gradient keeps the resident memory of one of them. On a GPU, PyTorch's caching
+allocator already reuses the memory.
 """
 
 from __future__ import annotations
@@ -41,34 +47,45 @@ import torch.nn.functional as F
 
 from .model import serving_module
 
-
-class KeptGradient:
-    def __init__(self):
-        self.buffer: torch.Tensor | None = None
-
-    def take(self, param: torch.Tensor) -> torch.Tensor | None:
-        if param.grad is not None:
-            return None
-        if self.buffer is None:  # one parameter for the whole run
-            self.buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
-        return self.buffer.view(param.shape)
-
-
-# A grown buffer gets this many rows more than asked for, so that a run whose steps need a few
-# rows more each time does not allocate (and fault in) a new buffer at every step.
+# A grown buffer gets room for this many rows more than asked for, so that a run whose steps need
+# a few rows more each time does not allocate (and fault in) a new buffer at every step.
 KEPT_ROWS_SLACK = 256
 
 
 class KeptRows:
     def __init__(self):
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # bytes
+        self.lent_to: torch.Tensor | None = None
 
     def take(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
-        needed = rows * columns
-        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.numel() < needed:
+        if self.lent_to is not None and self.lent_to.grad is not None:
+            return torch.empty(rows, columns, dtype=dtype)  # the buffer holds that gradient
+        return self._view(rows * columns, dtype, (rows + KEPT_ROWS_SLACK) * columns).view(rows, columns)
+
+    def lend(self, param: torch.Tensor) -> torch.Tensor:
+        self.lent_to = param
+        return self._view(param.numel(), param.dtype, param.numel()).view(param.shape)
+
+    def _view(self, numel: int, dtype: torch.dtype, numel_if_grown: int) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < numel * dtype.itemsize:
             self.buffer = None  # the old buffer goes before the new one is made
-            self.buffer = torch.empty((rows + KEPT_ROWS_SLACK) * columns, dtype=dtype)
-        return self.buffer[:needed].view(rows, columns)
+            self.buffer = torch.empty(numel_if_grown * dtype.itemsize, dtype=torch.uint8)
+        return self.buffer[: numel * dtype.itemsize].view(dtype)
+
+
+class KeptGradient:
+    def __init__(self, rows: KeptRows | None = None):
+        self.buffer: torch.Tensor | None = None
+        self.rows = rows
+
+    def take(self, param: torch.Tensor) -> torch.Tensor | None:
+        if param.grad is not None:
+            return None
+        if self.rows is not None:
+            return self.rows.lend(param)
+        if self.buffer is None:  # one parameter for the whole run
+            self.buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+        return self.buffer.view(param.shape)
 
 
 @dataclass
@@ -113,12 +130,12 @@ class EmbeddingWithKeptGradient(torch.nn.Embedding):
         return super().forward(ids)
 
 
-def keep_embedding_gradients(model: torch.nn.Module) -> int:
-    """Give ``EmbeddingWithKeptGradient``'s class to the model's trained input embeddings; returns
-    how many."""
+def keep_embedding_gradients(model: torch.nn.Module, rows: KeptRows | None = None) -> int:
+    """Give ``EmbeddingWithKeptGradient``'s class to the model's trained input embeddings, their
+    gradient in ``rows``' buffer if given; returns how many."""
     embeddings = serving_module(model.get_input_embeddings())
     if type(embeddings) is not torch.nn.Embedding or not embeddings.weight.requires_grad:
         return 0
     embeddings.__class__ = EmbeddingWithKeptGradient
-    embeddings.kept = KeptGradient()
+    embeddings.kept = KeptGradient(rows)
     return 1

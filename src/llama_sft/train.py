@@ -52,7 +52,6 @@ from .checkpoints import (
 from .collate import Collator
 from .encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from .fused_modules import use_fused_modules
-from .kept_gradients import keep_embedding_gradients
 from .model import (
     ModelError,
     attach_lora,
@@ -378,7 +377,6 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
                     "(cpu_kernels.c)"
                 )
         use_fused_modules(model)
-        keep_embedding_gradients(model)
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import cpu_kernels
 from .encode import IGNORE_INDEX
-from .kept_gradients import HeadMemory
+from .kept_gradients import HeadMemory, keep_embedding_gradients
 from .model import drop_replaced_base_weights, serving_module
 from .packing import split_packed
 
@@ -304,9 +304,13 @@ class SftTrainer(Trainer):
         self.max_tokens_per_pass = max_tokens_per_pass
         self.autocast_dtype = autocast_dtype
         self.head_copy = ComputeDtypeCopy()
-        # On a CPU, the fused head's logits and the trained lm_head's gradient go to kept memory
-        # (``HeadMemory``); a GPU's caching allocator already reuses it.
-        self.head_memory = HeadMemory() if self.args.device.type == "cpu" else None
+        # On a CPU, the fused head's logits, the trained lm_head's gradient and the trained
+        # embedding's (in the logits' memory) go to memory kept from step to step
+        # (``kept_gradients``); a GPU's caching allocator already reuses it.
+        self.head_memory = None
+        if self.args.device.type == "cpu":
+            self.head_memory = HeadMemory()
+            keep_embedding_gradients(self.model, self.head_memory.logits)
         head = self.fused_head(self.model)
         if head is not None:
             head.__class__ = HeadSkippingEmptyInput
