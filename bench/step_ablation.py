@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     embedding = model.get_input_embeddings().modules_to_save["default"]
     if device.type == "cpu":  # as train.py and SftTrainer do
         use_fused_modules(model)
-        keep_embedding_gradients(model)
+        keep_embedding_gradients(model, head_memory.logits)
     fused = {name: model.get_submodule(name) for name in originals}
 
     def set_modules(chosen: dict) -> None:
