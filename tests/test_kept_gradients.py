@@ -108,6 +108,7 @@ def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_mem
     start = torch.randn(300, 32, generator=g)
     weights = {name: torch.nn.Parameter(start.clone()) for name in ("new", "kept")}
     kept, copy = HeadMemory(), ComputeDtypeCopy()
+    buffers = set()
     for _step in range(2):
         for rows in (48, 20):
             losses = {}
@@ -119,8 +120,9 @@ def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_mem
                 (losses[name] / 48).backward()
             assert torch.equal(losses["kept"], losses["new"])
             assert kept.logits.buffer.numel() == (48 + KEPT_ROWS_SLACK) * 300 * 2  # bytes
+            buffers.add(kept.logits.buffer.data_ptr())
         assert torch.equal(weights["kept"].grad, weights["new"].grad)
-        assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr()
+        assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr() and len(buffers) == 1
         for weight in weights.values():
             weight.grad = None
     # Without a compute-dtype copy the products are new float32 tensors: nothing is kept.
@@ -151,7 +153,7 @@ def test_a_gradient_lent_the_rows_buffer_keeps_it_until_it_is_dropped():
     assert grad.data_ptr() == rows.buffer.data_ptr() and rows.buffer.numel() == 100 * 8 * 4
     param.grad = grad.fill_(1.0)
     assert kept.take(param) is None
-    logits = rows.take(8, 3, torch.bfloat16)  # while the gradient lives, the logits get new memory
+    logits = rows.take(8, 3, torch.bfloat16).fill_(5.0)  # while the gradient lives: new memory
     assert logits.data_ptr() != rows.buffer.data_ptr() and torch.equal(param.grad, torch.ones(100, 8))
     param.grad = None
     assert rows.take(8, 3, torch.bfloat16).data_ptr() == rows.buffer.data_ptr()
