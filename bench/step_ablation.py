@@ -9,8 +9,9 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     all                 the default path: packed row, record-by-record attention, BitsDropout,
                         labelled-only lm_head fused with the loss and both gradients in the
                         forward, bfloat16 residual stream, our autocast, fused norms and MLPs,
-                        lm_head's weight cast into a kept buffer, the vocabulary gradients in kept
-                        memory (CPU), the model's own lm_head call on no positions outside autocast
+                        lm_head's weight cast into a kept buffer, the head's logits and the
+                        vocabulary gradients in kept memory (CPU), the model's own lm_head call
+                        on no positions outside autocast
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
@@ -22,7 +23,8 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
     -fused-modules      transformers' own RMSNorm and MLP modules (PyTorch's ops)
-    -kept-gradients     new tensors for the embedding's and lm_head's gradients and the head's logits every step
+    -kept-gradients     new tensors for the embedding's and lm_head's gradients and the head's
+                        logits every step
     -empty-head-outside-autocast  the model's lm_head on no positions under autocast, which casts
                         its weight
 

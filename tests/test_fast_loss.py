@@ -21,7 +21,7 @@ from llama_sft.trainer import (
     ce_chunk_rows,
     cross_entropy_chunks,
     head_loss_sum,
-    head_weight,
+    head_projection,
     labelled_loss_sum,
 )
 
@@ -274,15 +274,15 @@ def lora_model(folder, modules_to_save="embed_tokens,lm_head", trainable="q_proj
     return attach_lora(load(folder), lora)
 
 
-def test_head_weight_is_the_trained_copy_or_none(folder):
+def test_head_projection_is_the_trained_copy_or_none(folder):
     model = lora_model(folder)
-    weight = head_weight(model)
-    trained = model.get_output_embeddings().modules_to_save["default"].weight
-    assert weight is trained and weight.requires_grad
-    assert head_weight(lora_model(folder, modules_to_save="null")).requires_grad is False
-    assert head_weight(lora_model(folder, modules_to_save="embed_tokens", trainable="q_proj,lm_head")) is None
+    trained = model.get_output_embeddings().modules_to_save["default"]
+    assert head_projection(model) is trained and trained.weight.requires_grad
+    assert head_projection(lora_model(folder, modules_to_save="null")).weight.requires_grad is False
+    lora_head = lora_model(folder, modules_to_save="embed_tokens", trainable="q_proj,lm_head")
+    assert head_projection(lora_head) is None
     model.config.model_type = "gemma2"  # its logits are soft-capped after the projection
-    assert head_weight(model) is None
+    assert head_projection(model) is None
 
 
 def test_embedding_gradients_are_kept_for_the_trained_copy_only(folder):
@@ -302,7 +302,7 @@ def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):
     results = []
     for fused in (True, False):
         model = lora_model(folder)
-        total, count, _ = labelled_loss_sum(model, batch, head_weight(model) if fused else None)
+        total, count, _ = labelled_loss_sum(model, batch, head_projection(model).weight if fused else None)
         (total / count).backward()
         results.append((total.item(), grads(model)))
     (fused_loss, fused_grads), (plain_loss, plain_grads) = results
@@ -323,7 +323,7 @@ def test_cpu_kernels_and_torch_ops_train_the_same(folder, monkeypatch):
         monkeypatch.setenv("LLAMA_SFT_CPU_KERNELS", switch)
         cpu_kernels.kernels.cache_clear()
         model = lora_model(folder)
-        total, count, _ = labelled_loss_sum(model, batch, head_weight(model))
+        total, count, _ = labelled_loss_sum(model, batch, head_projection(model).weight)
         (total / count).backward()
         results[switch] = (total.item(), grads(model))
     cpu_kernels.kernels.cache_clear()

@@ -1,4 +1,4 @@
-"""Gradients of the vocabulary-sized matrices written into memory kept from step to step (CPU).
+"""Vocabulary-sized gradients and logits written into memory kept from step to step (CPU).
 
 Contract: a ``KeptGradient`` serves one parameter for a whole run. ``take(param)`` returns a
 tensor shaped like ``param`` in memory that lives as long as the ``KeptGradient``, for a gradient

@@ -6,9 +6,10 @@ attached exactly as ``model.attach_lora`` does, so ``count_parameters`` gives th
 and total counts. ``estimate_memory(...)`` returns the estimated peak memory per device, in bytes,
 by part: frozen weights (load dtype; less the base copies of ``modules_to_save`` where training
 frees them: not under DeepSpeed, nor for a resized vocabulary), trainable weights, gradients and
-AdamW state (float32), divided across devices as the ZeRO stage says, activations of one forward/backward pass (a
-per-token, per-layer rule measured on LLaMA with sdpa attention, or one layer input per layer
-with gradient checkpointing), the vocabulary projection and the runtime itself. It is an estimate:
+AdamW state (float32), divided across devices as the ZeRO stage says, activations of one
+forward/backward pass (a per-token, per-layer rule measured on LLaMA with sdpa attention, or one
+layer input per layer with gradient checkpointing), the vocabulary projection and the runtime
+itself. It is an estimate:
 allocator fragmentation and framework buffers are not modelled beyond a fixed runtime share.
 """
 

@@ -254,12 +254,6 @@ def head_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
     return None
 
 
-def head_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    """``head_projection``'s weight, or None."""
-    head = head_projection(model)
-    return None if head is None else head.weight
-
-
 def labelled_loss_sum(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -269,10 +263,10 @@ def labelled_loss_sum(
 ):
     """(summed loss, number of labelled tokens, model outputs) of one batch; ``inputs`` holds labels.
 
-    With ``weight``, the output projection's weight (``head_weight``), the model stops at its last
-    hidden state and ``head_loss_sum`` projects and scores it (with ``low``, that weight in the
-    compute dtype, and ``kept``, memory for its logits and gradient, if given); otherwise the model computes
-    the logits and ``LabelledCrossEntropy`` scores them.
+    With ``weight``, the output projection's weight (``head_projection``), the model stops at its
+    last hidden state and ``head_loss_sum`` projects and scores it (with ``low``, that weight in the
+    compute dtype, and ``kept``, memory for its logits and gradient, if given); otherwise the model
+    computes the logits and ``LabelledCrossEntropy`` scores them.
     """
     inputs = dict(inputs)
     targets = inputs.pop("labels")[:, 1:]
