@@ -11,7 +11,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
                         forward, bfloat16 residual stream, our autocast, fused norms and MLPs,
                         lm_head's weight cast into a kept buffer, the head's logits and the
                         vocabulary gradients in kept memory (CPU), the model's own lm_head call
-                        on no positions outside autocast
+                        on no positions outside autocast, LoRA updates summed inside the products
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
@@ -23,6 +23,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -base-dtype-residual  the float32 embedding's output left in float32, and the residual stream
     -own-autocast       accelerate's float32 copy of the logits and PEFT's float32 LoRA inputs
     -fused-modules      transformers' own RMSNorm and MLP modules (PyTorch's ops)
+    -fused-lora         PEFT's LoRA Linear forward (the scaled update added as two new tensors)
     -kept-gradients     new tensors for the embedding's and lm_head's gradients and the head's
                         logits every step
     -empty-head-outside-autocast  the model's lm_head on no positions under autocast, which casts
@@ -63,6 +64,7 @@ VARIANTS = (
     "-base-dtype-residual",
     "-own-autocast",
     "-fused-modules",
+    "-fused-lora",
     "-kept-gradients",
     "-empty-head-outside-autocast",
 )
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     import torch
     from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.lora import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
     from llama_sft import cpu_kernels
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_sft.collate import Collator
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
-    from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, use_fused_modules
+    from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, FusedLoraLinear, use_fused_modules
     from llama_sft.kept_gradients import EmbeddingWithKeptGradient, HeadMemory, keep_embedding_gradients
     from llama_sft.model import attach_lora, keep_residual_in_base_dtype
     from llama_sft.packing import PackingCollator
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         use_fused_modules(model)
         keep_embedding_gradients(model, head_memory.logits)
     fused = {name: model.get_submodule(name) for name in originals}
+    fused_lora = [m for m in model.modules() if type(m) is FusedLoraLinear]
 
     def set_modules(chosen: dict) -> None:
         for name, module in chosen.items():
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     def step(variant: str) -> None:
         nonlocal residual_hook
         set_modules(originals if variant == "-fused-modules" else fused)
+        for layer in fused_lora:
+            layer.__class__ = LoraLinear if variant == "-fused-lora" else FusedLoraLinear
         config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
         if residual_hook is not None:

@@ -1,6 +1,8 @@
-"""FusedRMSNorm and FusedSwiGLUMLP: transformers' LlamaRMSNorm and LlamaMLP with CPU kernels, and
-their swap into a model."""
+"""FusedRMSNorm and FusedSwiGLUMLP: transformers' LlamaRMSNorm and LlamaMLP with CPU kernels;
+FusedLoraLinear: PEFT's LoRA Linear with its update summed inside the product; their swap into a
+model."""
 
+import copy
 import importlib
 import inspect
 
@@ -10,9 +12,11 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from llama_sft import cpu_kernels
+from llama_sft.dropout import use_bits_dropout
 from llama_sft.fused_modules import (
     LLAMA_MLPS,
     LLAMA_RMS_NORMS,
+    FusedLoraLinear,
     FusedRMSNorm,
     FusedSwiGLUMLP,
     SwiGLUProduct,
@@ -139,7 +143,7 @@ def test_swapped_into_a_model_with_the_same_weights_and_outputs(model_dir):
     want = model(input_ids=ids).logits
     keys = list(model.state_dict())
     layers = model.config.num_hidden_layers
-    assert use_fused_modules(model) == {"norms": 2 * layers + 1, "mlps": layers}
+    assert use_fused_modules(model) == {"norms": 2 * layers + 1, "mlps": layers, "lora_linears": 0}
     assert list(model.state_dict()) == keys
     kinds = [type(m) for m in model.modules()]
     assert kinds.count(FusedRMSNorm) == 2 * layers + 1 and kinds.count(FusedSwiGLUMLP) == layers
@@ -147,3 +151,106 @@ def test_swapped_into_a_model_with_the_same_weights_and_outputs(model_dir):
     # In bfloat16 the kernels give the reference's values; a summation order or an exp that
     # rounded one of them differently would move a logit by about one bfloat16 step.
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=2e-2)
+
+
+class TwoProjections(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(24, 40, bias=False)
+        self.down = torch.nn.Linear(40, 24, bias=True)
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+def lora_pair(dropout=0.25, **kwargs):
+    """A LoRA model with PEFT's layers and a copy with FusedLoraLinear's class; non-zero B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["up", "down"], **kwargs)
+    reference = get_peft_model(TwoProjections(), config)
+    use_bits_dropout(reference)
+    for name, param in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    fused = copy.deepcopy(reference)
+    assert use_fused_modules(fused) == {"norms": 0, "mlps": 0, "lora_linears": 2}
+    assert [type(m) for m in fused.modules()].count(FusedLoraLinear) == 2
+    return reference, fused
+
+
+def lora_forward_backward(model, x, autocast):
+    torch.manual_seed(7)  # the dropout seeds, drawn in the same order by both models
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_lora_linear_equals_peft_with_dropout_and_gradients(autocast, ops_path):
+    from peft.helpers import disable_input_dtype_casting
+
+    reference, fused = lora_pair()
+    exact = copy.deepcopy(reference)
+    x = torch.randn(2, 9, 24)
+    with disable_input_dtype_casting(reference), disable_input_dtype_casting(fused):
+        want = lora_forward_backward(reference, x, autocast)
+        got = lora_forward_backward(fused, x, autocast)
+    truth = lora_forward_backward(exact, x, autocast=False)
+    # The update is summed inside the product: autograd sees one accumulating product, not a sum.
+    assert got[0].grad_fn.name() == "ViewBackward0" and want[0].grad_fn.name() == "AddBackward0"
+    assert got[0].grad_fn.next_functions[0][0].name() == "AddmmBackward0"
+    assert got[0].shape == want[0].shape == (2, 9, 24) and got[0].dtype == want[0].dtype
+    assert set(got[2]) == set(want[2]) and len(got[2]) == 4
+    pairs = [(got[0], want[0], truth[0]), (got[1], want[1], truth[1])]
+    pairs += [(got[2][name], want[2][name], truth[2][name]) for name in want[2]]
+    for ours, peft_s, float32 in pairs:
+        assert ours.abs().sum() > 0
+        if autocast:
+            # Both round to bfloat16 (PEFT the scaled update and then the sum, the product the sum
+            # once), so both are compared with float32: within 1/64 of the largest value.
+            scale = float(float32.detach().abs().max())
+            torch.testing.assert_close(ours.float(), float32, rtol=0, atol=scale / 64)
+            torch.testing.assert_close(peft_s.float(), float32, rtol=0, atol=scale / 64)
+        else:
+            torch.testing.assert_close(ours, peft_s, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(peft_s, float32, rtol=0, atol=0)
+
+
+def test_lora_linear_leaves_other_cases_to_peft():
+    reference, fused = lora_pair(dropout=0.0)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        with reference.disable_adapter(), fused.disable_adapter():
+            assert torch.equal(fused(x), reference(x))
+        # Mixed dtypes without autocast: PEFT's forward and its casts.
+        half = torch.randn(3, 24, dtype=torch.bfloat16)
+        fused_bf16, reference_bf16 = copy.deepcopy(fused), copy.deepcopy(reference)
+        for model in (fused_bf16, reference_bf16):
+            model.base_model.model.up.base_layer.to(torch.bfloat16)
+            model.base_model.model.down.base_layer.to(torch.bfloat16)
+        assert torch.equal(fused_bf16.base_model.model.up(half), reference_bf16.base_model.model.up(half))
+        adapter = fused(x)
+        torch.testing.assert_close(adapter, reference(x), rtol=1e-6, atol=1e-5)
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(x), adapter, rtol=1e-5, atol=1e-4)
+        fused.unmerge_adapter()
+        merged = fused.merge_and_unload()
+    assert type(merged.up) is torch.nn.Linear and type(merged.down) is torch.nn.Linear
+    torch.testing.assert_close(merged(x), adapter, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_linears_left_alone_when_asked():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = get_peft_model(TwoProjections(), LoraConfig(r=4, target_modules=["up", "down"]))
+    keys = list(model.state_dict())
+    assert use_fused_modules(model, lora_linears=False)["lora_linears"] == 0
+    assert [type(m) for m in model.modules()].count(LoraLinear) == 2
+    assert use_fused_modules(model)["lora_linears"] == 2
+    assert list(model.state_dict()) == keys

@@ -38,6 +38,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from . import cpu_kernels
 from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
@@ -376,7 +377,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
                     "LoRA dropout, the cross-entropy, RMSNorm and SwiGLU run as fused CPU kernels "
                     "(cpu_kernels.c)"
                 )
-        use_fused_modules(model)
+        use_fused_modules(model, lora_linears=not is_deepspeed_zero3_enabled())
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
