@@ -16,7 +16,8 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
     -cpu-kernels        PyTorch's ops where the fused CPU kernels run (dropout bits from NumPy,
-                        select and scale; a log-softmax per 16 rows of logits)
+                        select and scale; a log-softmax per 16 rows of logits; one sdpa call per
+                        record)
     -labelled-lm_head   logits at every position (labels -100 where the prompt is)
     -fused-head         the model's lm_head makes the logits; the loss alone is fused
     -fused-ce           torch's cross_entropy on the model's logits (float32 upcast, as usual)

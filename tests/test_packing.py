@@ -80,20 +80,26 @@ def test_per_record_loss_equals_record_alone(model, attn):
     model.config._attn_implementation = "sdpa"
 
 
-def test_packed_attention_runs_record_by_record(model, monkeypatch):
-    """The packed kernel is what runs, one causal attention per record, and it agrees with sdpa's
-    block-diagonal mask on a packed row, on plain rows and on padded rows."""
+def test_packed_attention_runs_record_by_record(model, monkeypatch, ops_path):
+    """The packed path is what runs, one causal attention per record (the CPU kernel: one call per
+    layer over the row's record starts; without it: one sdpa call per record), and it agrees with
+    sdpa's block-diagonal mask on a packed row, on plain rows and on padded rows."""
     import llama_sft.attention as attention
 
     records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=2)
     batch = PackingCollator()(records)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    lengths = []
+    lengths, kernel_starts = [], []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    real_kernel = attention.cpu_kernels.causal_attention
 
     def counting_sdpa(query, *args, **kwargs):
         lengths.append(query.shape[2])
         return real_sdpa(query, *args, **kwargs)
+
+    def counting_kernel(q, k, v, starts, scale):
+        kernel_starts.append(starts.tolist())
+        return real_kernel(q, k, v, starts, scale)
 
     plain = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(plain)
@@ -104,13 +110,57 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch):
         reference.append(model(input_ids=plain, attention_mask=mask).logits)
         model.config._attn_implementation = PACKED_SDPA
         monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+        monkeypatch.setattr(attention.cpu_kernels, "causal_attention", counting_kernel)
         packed = model(**inputs).logits
-        assert lengths == [17, 9, 30, 2] * model.config.num_hidden_layers
+        layers = model.config.num_hidden_layers
+        if ops_path == "kernels":
+            assert kernel_starts == [[0, 17, 26, 56, 58]] * layers and lengths == []
+        else:
+            assert lengths == [17, 9, 30, 2] * layers and kernel_starts == []
         assert torch.allclose(packed, reference[0], atol=1e-5, rtol=0)
         assert torch.allclose(model(input_ids=plain).logits, reference[1], atol=1e-5, rtol=0)
         padded = model(input_ids=plain, attention_mask=mask).logits
         assert torch.allclose(padded[mask.bool()], reference[2][mask.bool()], atol=1e-5, rtol=0)
     model.config._attn_implementation = "sdpa"
+
+
+def per_record_sdpa(q, k, v, lengths):
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(
+            a, b, c, is_causal=True, enable_gqa=a.shape[1] != b.shape[1]
+        )
+        for a, b, c in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
+    ]
+    return torch.cat(pieces, 2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (4, 2, 16), (2, 1, 64)])
+def test_packed_attention_kernel_equals_sdpa_forward_and_backward(dtype, heads, kv_heads, head_dim, built):
+    """PackedCausalAttention against one sdpa per record, in float32: the output and the three
+    gradients, for queries, keys and values laid out as transformers makes them ((1, n, heads,
+    head_dim) transposed), with grouped key/value heads and records of 1 to 70 tokens."""
+    from llama_sft.attention import PackedCausalAttention
+
+    lengths = [5, 1, 70, 17, 33]
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(heads * head_dim)
+    q = torch.randn(1, n, heads, head_dim, generator=g).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(1, n, kv_heads, head_dim, generator=g).to(dtype).transpose(1, 2) for _ in "kv")
+    grad = torch.randn(1, n, heads, head_dim, generator=g).to(dtype)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    truth = [t.float().requires_grad_() for t in (q, k, v)]
+    out = PackedCausalAttention.apply(*ours, torch.tensor([0, 5, 6, 76, 93, 126]), head_dim**-0.5)
+    out.backward(grad)
+    want = per_record_sdpa(*truth, lengths)
+    want.backward(grad.float())
+    assert out.shape == (1, n, heads, head_dim) and out.dtype == dtype
+    pairs = [(out, want)] + [(a.grad, b.grad) for a, b in zip(ours, truth, strict=True)]
+    for got, expected in pairs:
+        assert got.shape == expected.shape and got.dtype == dtype
+        # float32: summation order only; bfloat16: inputs and outputs rounded, float32 inside.
+        tolerance = 1e-5 if dtype == torch.float32 else float(expected.abs().max()) / 64
+        torch.testing.assert_close(got.float(), expected.detach(), rtol=0, atol=tolerance)
 
 
 def test_record_starts_are_read_once_per_forward(model, monkeypatch):
@@ -136,9 +186,10 @@ def test_record_starts_are_read_once_per_forward(model, monkeypatch):
     assert model.config.num_hidden_layers == 2 and len(calls) == 2
 
 
-def test_packed_attention_with_grouped_kv_heads_and_a_long_record():
+def test_packed_attention_with_grouped_kv_heads_and_a_long_record(ops_path):
     """Grouped key/value heads (as in LLaMA-2 70B), and a record longer than the CPU math-kernel
-    limit, which goes to the flash kernel: still equal to sdpa with the block-diagonal mask."""
+    limit, which without the CPU kernel goes to the flash kernel: still equal to sdpa with the
+    block-diagonal mask."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama_sft.attention import CPU_MATH_MAX_LEN

@@ -18,6 +18,11 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
 - ``swiglu(gate, up)``: ``silu(gate) * up`` as transformers' LlamaMLP computes it (the SiLU
   rounded to the dtype before the product); ``swiglu_backward(grad, gate, up)``: the gradients of
   ``gate`` and ``up``, the SiLU recomputed from ``gate``.
+- ``causal_attention(q, k, v, starts, scale)``: causal attention of each record of a packed row
+  (record i is tokens ``starts[i]:starts[i + 1]``) on its own, for (1, heads, n, head_dim) queries
+  and (1, kv_heads, n, head_dim) keys and values in any strides with contiguous rows (head_dim a
+  multiple of 16, ``attention_takes``): the (1, n, heads, head_dim) output and the float32 log-sum
+  of each row's exponentials; ``causal_attention_backward`` gives the three gradients from those.
 
 All take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
 
@@ -95,6 +100,13 @@ def _build(cache_dir: Path, flags: list[str]) -> Path:
     return target
 
 
+class _AttentionShape(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in ("heads", "kv_heads", "head_dim", "q_row", "q_head", "k_row", "k_head", "v_row", "v_head")
+    ] + [("scale", ctypes.c_float)]
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, u64, u32, f32, i32 = (
         ctypes.c_void_p,
@@ -123,6 +135,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         swiglu_backward = getattr(lib, f"swiglu_backward_{suffix}")
         swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
         swiglu_backward.restype = None
+    shape = ctypes.POINTER(_AttentionShape)
+    lib.causal_attention.argtypes = [p, p, p, p, p, p, i64, shape, i32, i32]
+    lib.causal_attention.restype = None
+    lib.causal_attention_backward.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, shape, i32, i32]
+    lib.causal_attention_backward.restype = None
     return lib
 
 
@@ -240,3 +257,67 @@ def swiglu_backward(
         torch.get_num_threads(),
     )  # fmt: skip
     return d_gate, d_up
+
+
+def attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``causal_attention`` takes these (1, heads, n, head_dim) tensors: one supported
+    dtype, rows of contiguous values, head_dim a multiple of 16, heads a multiple of kv_heads."""
+    return (
+        q.dim() == k.dim() == v.dim() == 4
+        and q.shape[0] == 1
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] % 16 == 0
+        and k.shape == v.shape
+        and k.shape[2] == q.shape[2]
+        and q.shape[1] % k.shape[1] == 0
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and supports(q, k, v)
+    )
+
+
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> _AttentionShape:
+    return _AttentionShape(
+        q.shape[1], k.shape[1], q.shape[3], q.stride(2), q.stride(1), k.stride(2), k.stride(1),
+        v.stride(2), v.stride(1), scale,
+    )  # fmt: skip
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the (1, n, heads, head_dim) output, the float32 (heads, n) log-sum-exp of each row's scores)
+    of causal attention within each record; ``starts`` int64 (records + 1,), from 0 to n."""
+    _, heads, n, head_dim = q.shape
+    out = torch.empty(1, n, heads, head_dim, dtype=q.dtype)
+    lse = torch.empty(heads, n, dtype=torch.float32)
+    kernels().causal_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), starts.data_ptr(),
+        starts.numel() - 1, ctypes.byref(_attention_shape(q, k, v, scale)), q.dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+def causal_attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    starts: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``causal_attention``'s q, k and v (shaped as they are, laid out as
+    (n, heads, head_dim)) given the gradient of its output."""
+    grad = grad.contiguous()
+    _, heads, n, head_dim = q.shape
+    dq = torch.empty(1, n, heads, head_dim, dtype=q.dtype)
+    dk = torch.empty(1, n, k.shape[1], head_dim, dtype=q.dtype)
+    dv = torch.empty_like(dk)
+    kernels().causal_attention_backward(
+        grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), starts.data_ptr(), starts.numel() - 1,
+        ctypes.byref(_attention_shape(q, k, v, scale)), q.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
