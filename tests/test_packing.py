@@ -186,13 +186,16 @@ def test_record_starts_are_read_once_per_forward(model, monkeypatch):
     assert model.config.num_hidden_layers == 2 and len(calls) == 2
 
 
-def test_packed_attention_with_grouped_kv_heads_and_a_long_record(ops_path):
+@pytest.mark.parametrize("long", ["over-math-limit", "over-kernel-limit"])
+def test_packed_attention_with_grouped_kv_heads_and_a_long_record(ops_path, long, monkeypatch):
     """Grouped key/value heads (as in LLaMA-2 70B), and a record longer than the CPU math-kernel
-    limit, which without the CPU kernel goes to the flash kernel: still equal to sdpa with the
+    limit (without the CPU kernels it goes to the flash kernel), or longer than the packed CPU
+    kernel's (the row goes to sdpa, one call per record): still equal to sdpa with the
     block-diagonal mask."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_sft.attention import CPU_MATH_MAX_LEN
+    import llama_sft.attention as attention
+    from llama_sft.attention import CPU_KERNEL_MAX_LEN, CPU_MATH_MAX_LEN
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -200,10 +203,18 @@ def test_packed_attention_with_grouped_kv_heads_and_a_long_record(ops_path):
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    batch = PackingCollator()(examples([(CPU_MATH_MAX_LEN + 40, 10), (7, 2), (50, 5)], seed=4))
+    length = CPU_MATH_MAX_LEN + 40 if long == "over-math-limit" else CPU_KERNEL_MAX_LEN + 10
+    batch = PackingCollator()(examples([(length, 10), (7, 2), (50, 5)], seed=4))
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    calls = []
+    real_kernel = attention.cpu_kernels.causal_attention
+    monkeypatch.setattr(
+        attention.cpu_kernels, "causal_attention", lambda *a: calls.append(1) or real_kernel(*a)
+    )
     with torch.no_grad():
         model.config._attn_implementation = "sdpa"
         reference = model(**inputs).logits
         model.config._attn_implementation = PACKED_SDPA
         assert torch.allclose(model(**inputs).logits, reference, atol=1e-5, rtol=0)
+    kernel_runs = ops_path == "kernels" and long == "over-math-limit"
+    assert len(calls) == (config.num_hidden_layers if kernel_runs else 0)

@@ -52,11 +52,16 @@ def packed_sdpa_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if query.device.type == "cpu" and dropout == 0.0 and cpu_kernels.attention_takes(query, key, value):
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if (
+        query.device.type == "cpu"
+        and dropout == 0.0
+        and max(lengths) <= CPU_KERNEL_MAX_LEN
+        and cpu_kernels.attention_takes(query, key, value)
+    ):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return PackedCausalAttention.apply(query, key, value, torch.tensor(bounds), scale), None
     gqa = query.shape[1] != key.shape[1]
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # split, not slicing: the backward of a slice writes a zero tensor of the whole row per record.
     pieces = [
         _causal_sdpa(q, k, v, dropout, scaling, gqa)
@@ -68,14 +73,21 @@ def packed_sdpa_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+# PackedCausalAttention against one sdpa call per record (8 heads of 64, bfloat16, 2 cores, forward
+# and backward): 30 vs 38 ms for 3 records of 512 tokens, 26 vs 31 for 2 of 640, 38 vs 32 for 2 of
+# 768 and 42 vs 31 for one of 1,024, where the flash kernel's blocking pays. A row with a longer
+# record goes to sdpa.
+CPU_KERNEL_MAX_LEN = 640
+
+
 class PackedCausalAttention(torch.autograd.Function):
     """Causal attention within each record of a packed row through ``cpu_kernels``: the
     (1, n, heads, head_dim) output from (1, heads, n, head_dim) queries and (1, kv_heads, n,
     head_dim) keys and values. Keeps the inputs, the output and one float per row and head.
 
     Why: PyTorch's math and flash kernels take 15-45 GFLOP/s on a record (8 heads of 64, bfloat16,
-    2 cores), with a dozen ops and new tensors each; one call for the row runs at ~50. Forward and
-    backward of 8 records of 55-341 tokens: 18.5-20.2 ms against 32.2-37.0 ms, per layer."""
+    2 cores), with a dozen ops and new tensors each; one call for the row runs at 70-75. Forward and
+    backward of 8 records of 55-341 tokens: 11.5-14.3 ms against 22.8-31.5 ms, per layer."""
 
     @staticmethod
     def forward(ctx, q, k, v, starts: torch.Tensor, scale: float):
