@@ -6,12 +6,13 @@ benchmark's training data, the default workload of train_bench.py) under llama-s
 CPU path, then with one of its changes undone, the variants interleaved and repeated so that
 every one sees the same machine, and reports the median time and tokens/s of each:
 
-    all                 the default path: packed row, record-by-record attention, BitsDropout,
-                        labelled-only lm_head fused with the loss and both gradients in the
-                        forward, bfloat16 residual stream, our autocast, fused norms and MLPs,
-                        lm_head's weight cast into a kept buffer, the head's logits and the
-                        vocabulary gradients in kept memory (CPU), the model's own lm_head call
-                        on no positions outside autocast, LoRA updates summed inside the products
+    all                 the default path: packed row, record-by-record attention (one CPU
+                        kernel call per layer), BitsDropout, labelled-only lm_head fused with
+                        the loss and both gradients in the forward, bfloat16 residual stream,
+                        our autocast, fused norms and MLPs, lm_head's weight cast into a kept
+                        buffer, the head's logits and the vocabulary gradients in kept memory
+                        (CPU), the model's own lm_head call on no positions outside autocast,
+                        LoRA updates summed inside the products
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
     -bits-dropout       torch.nn.Dropout for LoRA
