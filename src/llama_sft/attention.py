@@ -7,11 +7,12 @@ restarting at 0 at each record, no ``attention_mask``, see ``packing.py``) runs 
 scaled-dot-product attention record by record, so the cost is the sum of the squared record
 lengths instead of the square of their sum, and no (n, n) mask is built. Its outputs equal those
 of ``sdpa`` with transformers' block-diagonal mask. On a CPU, where ``cpu_kernels`` takes the
-tensors and there is no attention dropout, one kernel call runs every record of the row
-(``PackedCausalAttention``; forward and backward within float32 rounding of sdpa's); otherwise one
-sdpa call per record. Anything else (a padding mask, several rows,
-a cache during generation) goes to transformers' own ``sdpa`` path unchanged; several rows whose
-``position_ids`` restart mid-row are not supported (``packing.py`` never makes them).
+tensors, there is no attention dropout and no record is longer than ``CPU_KERNEL_MAX_LEN``, one
+kernel call runs every record of the row (``PackedCausalAttention``; forward and backward within
+float32 rounding of sdpa's); otherwise one sdpa call per record. Anything else (a padding mask,
+several rows, a cache during generation) goes to transformers' own ``sdpa`` path unchanged;
+several rows whose ``position_ids`` restart mid-row are not supported (``packing.py`` never makes
+them).
 """
 
 from __future__ import annotations

@@ -216,6 +216,7 @@ static inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
 SWIGLU(swiglu_f32, swiglu_backward_f32, float, IDENTITY, IDENTITY)
 SWIGLU(swiglu_bf16, swiglu_backward_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
 /* ---- causal attention, record by record, of a packed row ----------------------------------------
 
    Each (record, key/value head) is one task: its keys and values are converted to float32 once
