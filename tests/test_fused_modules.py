@@ -18,7 +18,9 @@ from llama_sft.fused_modules import (
     LLAMA_RMS_NORMS,
     FusedLoraLinear,
     FusedRMSNorm,
+    FusedRotaryLlamaAttention,
     FusedSwiGLUMLP,
+    RotaryEmbedding,
     SwiGLUProduct,
     use_fused_modules,
 )
@@ -143,11 +145,17 @@ def test_swapped_into_a_model_with_the_same_weights_and_outputs(model_dir):
     want = model(input_ids=ids).logits
     keys = list(model.state_dict())
     layers = model.config.num_hidden_layers
-    assert use_fused_modules(model) == {"norms": 2 * layers + 1, "mlps": layers, "lora_linears": 0}
+    assert use_fused_modules(model) == {
+        "norms": 2 * layers + 1,
+        "mlps": layers,
+        "lora_linears": 0,
+        "attentions": layers,
+    }
     assert list(model.state_dict()) == keys
     kinds = [type(m) for m in model.modules()]
     assert kinds.count(FusedRMSNorm) == 2 * layers + 1 and kinds.count(FusedSwiGLUMLP) == layers
     assert LlamaRMSNorm not in kinds and LlamaMLP not in kinds
+    assert kinds.count(FusedRotaryLlamaAttention) == layers
     # In bfloat16 the kernels give the reference's values; a summation order or an exp that
     # rounded one of them differently would move a logit by about one bfloat16 step.
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=2e-2)
@@ -175,7 +183,7 @@ def lora_pair(dropout=0.25, **kwargs):
         if "lora_B" in name:
             torch.nn.init.normal_(param)
     fused = copy.deepcopy(reference)
-    assert use_fused_modules(fused) == {"norms": 0, "mlps": 0, "lora_linears": 2}
+    assert use_fused_modules(fused) == {"norms": 0, "mlps": 0, "lora_linears": 2, "attentions": 0}
     assert [type(m) for m in fused.modules()].count(FusedLoraLinear) == 2
     return reference, fused
 
@@ -254,3 +262,48 @@ def test_lora_linears_left_alone_when_asked():
     assert [type(m) for m in model.modules()].count(LoraLinear) == 2
     assert use_fused_modules(model)["lora_linears"] == 2
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_equals_transformers_forward_and_backward(dtype, built):
+    """RotaryEmbedding against transformers' apply_rotary_pos_emb on a (1, heads, n, head_dim)
+    tensor laid out as LlamaAttention makes it: bit for bit in bfloat16 (the same roundings), within
+    float32 rounding otherwise; the same for the input's gradient."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(1)
+    n, heads, head_dim = 29, 4, 16
+    x = torch.randn(1, n, heads, head_dim, generator=g).to(dtype).transpose(1, 2)
+    angles = torch.randn(1, n, head_dim // 2, generator=g) * 3
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    grad = torch.randn(1, heads, n, head_dim, generator=g).to(dtype)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = RotaryEmbedding.apply(ours, cos, sin)
+    want, _ = apply_rotary_pos_emb(theirs, theirs.detach(), cos, sin)
+    got.backward(grad)
+    want.backward(grad)
+    assert got.shape == want.shape and got.dtype == dtype and ours.grad.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want) and torch.equal(ours.grad, theirs.grad)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_llama_attention_forward_is_the_one_mirrored(monkeypatch):
+    """FusedRotaryLlamaAttention.forward mirrors LlamaAttention.forward of the pinned transformers
+    (5.24): its source is the one recorded, so the class is given; with another source (a
+    different transformers), LlamaAttention keeps its own class."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig
+
+    import llama_sft.fused_modules as fused_modules
+
+    assert fused_modules.mirrors_llama_attention()
+    config = LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    model = torch.nn.ModuleList([LlamaAttention(config, layer_idx=0)])
+    monkeypatch.setattr(fused_modules, "LLAMA_ATTENTION_FORWARD_SHA256", "0" * 64)
+    fused_modules.mirrors_llama_attention.cache_clear()
+    assert use_fused_modules(model)["attentions"] == 0 and type(model[0]) is LlamaAttention
+    monkeypatch.undo()
+    fused_modules.mirrors_llama_attention.cache_clear()
+    assert use_fused_modules(model)["attentions"] == 1 and type(model[0]) is FusedRotaryLlamaAttention

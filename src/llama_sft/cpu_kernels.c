@@ -439,3 +439,41 @@ void causal_attention_backward(const void *grad, const void *q, const void *k, c
         free(qb), free(gb), free(ob), free(dqb), free(p), free(ds);
     }
 }
+
+/* ---- rotary position embedding ------------------------------------------------------------------
+
+   transformers' apply_rotary_pos_emb for one tensor: out = x * cos + rotate_half(x) * sin, where
+   rotate_half(x) = (-x2, x1) for the two halves of each head's row, each product and the sum
+   rounded to x's dtype as PyTorch's ops round them. With backward set, x is the output's gradient
+   g and out the input's: g * cos + (g2 * sin2, -(g1 * sin1)), rounded the same way. x is
+   (n, heads, D) in any token and head strides with contiguous rows; cos and sin (n, D) contiguous;
+   out (n, heads, D) contiguous.
+
+   Why: PyTorch runs it as two products, a negation, a concatenation and a sum per tensor forward,
+   and zero-filled slices and sums backward, each a new tensor: about 6% of a training step. */
+#define ROPE(NAME, T, LOAD, STORE)                                                                    \
+    void NAME(const T *x, int64_t x_row, int64_t x_head, const T *cos, const T *sin, T *out,         \
+              int64_t n, int64_t heads, int64_t D, int backward, int threads) {                       \
+        int64_t half = D / 2;                                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+        for (int64_t t = 0; t < n; t++) {                                                             \
+            const T *restrict c = cos + t * D, *restrict s = sin + t * D;                             \
+            for (int64_t h = 0; h < heads; h++) {                                                     \
+                const T *restrict row = x + t * x_row + h * x_head;                                   \
+                T *restrict o = out + (t * heads + h) * D;                                            \
+                /* sign -1 forward (rotate_half), +1 backward (its transpose); the sine index */ \
+                float sign = backward ? 1.0f : -1.0f;                                                 \
+                int64_t first = backward ? half : 0, second = backward ? 0 : half;                   \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t d = 0; d < half; d++) {                                                  \
+                    float x1 = LOAD(row[d]), x2 = LOAD(row[d + half]);                                \
+                    o[d] = STORE(LOAD(STORE(x1 * LOAD(c[d]))) + sign * LOAD(STORE(x2 * LOAD(s[d + first])))); \
+                    o[d + half] =                                                                     \
+                        STORE(LOAD(STORE(x2 * LOAD(c[d + half]))) - sign * LOAD(STORE(x1 * LOAD(s[d + second])))); \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+ROPE(rotary_f32, float, IDENTITY, IDENTITY)
+ROPE(rotary_bf16, uint16_t, bf16_to_float, float_to_bf16)

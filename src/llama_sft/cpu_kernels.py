@@ -23,6 +23,9 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
   and (1, kv_heads, n, head_dim) keys and values in any strides with contiguous rows (head_dim a
   multiple of 16, ``attention_takes``): the (1, n, heads, head_dim) output and the float32 log-sum
   of each row's exponentials; ``causal_attention_backward`` gives the three gradients from those.
+- ``rotary(x, cos, sin, backward)``: transformers' ``apply_rotary_pos_emb`` for one (1, heads, n,
+  head_dim) tensor and (1, n, head_dim) cos and sin, rounded as its ops round (``rotary_takes``);
+  with ``backward``, the gradient of its input from the gradient of its output.
 
 All take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
 
@@ -135,6 +138,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         swiglu_backward = getattr(lib, f"swiglu_backward_{suffix}")
         swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
         swiglu_backward.restype = None
+        rotary = getattr(lib, f"rotary_{suffix}")
+        rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
+        rotary.restype = None
     shape = ctypes.POINTER(_AttentionShape)
     lib.causal_attention.argtypes = [p, p, p, p, p, p, i64, shape, i32, i32]
     lib.causal_attention.restype = None
@@ -321,3 +327,30 @@ def causal_attention_backward(
         ctypes.byref(_attention_shape(q, k, v, scale)), q.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def rotary_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rotary`` takes these: (1, heads, n, head_dim) ``x`` with contiguous rows, head_dim
+    even, (1, n, head_dim) ``cos`` and ``sin``, all of one supported dtype."""
+    return (
+        x.dim() == 4
+        and x.shape[0] == 1
+        and x.shape[-1] % 2 == 0
+        and x.stride(-1) == 1
+        and cos.shape == sin.shape == (1, x.shape[2], x.shape[3])
+        and x.dtype == cos.dtype == sin.dtype
+        and supports(x, cos, sin)
+    )
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (or, with ``backward``, that map's transpose applied to a
+    gradient), shaped as ``x`` and laid out as (n, heads, head_dim)."""
+    _, heads, n, head_dim = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(1, n, heads, head_dim, dtype=x.dtype)
+    getattr(kernels(), f"rotary_{DTYPES[x.dtype]}")(
+        x.data_ptr(), x.stride(2), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), n, heads,
+        head_dim, backward, torch.get_num_threads(),
+    )  # fmt: skip
+    return out.transpose(1, 2)

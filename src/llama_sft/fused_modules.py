@@ -24,9 +24,19 @@ backward of 8 records of the benchmark (``bench/step_ablation.py``): 906 ms with
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from transformers.activations import SiLUActivation
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from . import cpu_kernels
 
@@ -154,6 +164,90 @@ class FusedLoraLinear(LoraLinear):
         return result.view(*x.shape[:-1], result.shape[-1])
 
 
+class RotaryEmbedding(torch.autograd.Function):
+    """transformers' ``apply_rotary_pos_emb`` for one tensor through ``cpu_kernels.rotary``: the
+    same values (bit for bit in bfloat16), one pass forward and one backward, keeping only cos and
+    sin."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return cpu_kernels.rotary(x, cos, sin, backward=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return cpu_kernels.rotary(grad, cos, sin, backward=True), None, None
+
+
+class FusedRotaryLlamaAttention(LlamaAttention):
+    """transformers' ``LlamaAttention`` with the rotary embedding of queries and keys as one kernel
+    pass each (``RotaryEmbedding``) where ``cpu_kernels`` takes them (a packed row or any batch of
+    one on a CPU, without a cache); otherwise, and for anything it does not know, its own forward.
+    The forward below is ``LlamaAttention.forward`` of transformers 5.24 with that one call
+    replaced; ``use_fused_modules`` gives the class only where the installed forward's source is
+    that one (``LLAMA_ATTENTION_FORWARD_SHA256``). Only the class changes.
+
+    Why: transformers rotates with two products, a negation, a concatenation and a sum per tensor,
+    and its backward with zero-filled slices and sums, each a new tensor: about 6% of a training
+    step of the benchmark's model."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if cache is not None or position_embeddings is None or "past_key_values" in kwargs:
+            return super().forward(
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                cache=cache, **kwargs,
+            )  # fmt: skip
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        if cpu_kernels.rotary_takes(query_states, cos, sin) and cpu_kernels.rotary_takes(
+            key_states, cos, sin
+        ):
+            query_states = RotaryEmbedding.apply(query_states, cos, sin)
+            key_states = RotaryEmbedding.apply(key_states, cos, sin)
+        else:
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+# sha256 of the source of transformers 5.24's LlamaAttention.forward, which
+# FusedRotaryLlamaAttention.forward mirrors; another source keeps transformers' own class.
+LLAMA_ATTENTION_FORWARD_SHA256 = "e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531"
+
+
+@functools.cache
+def mirrors_llama_attention() -> bool:
+    """Whether the installed transformers' ``LlamaAttention.forward`` is the one mirrored."""
+    try:
+        source = inspect.getsource(LlamaAttention.forward)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(source.encode()).hexdigest() == LLAMA_ATTENTION_FORWARD_SHA256
+
+
 def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
@@ -161,15 +255,18 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
 
 def use_fused_modules(model: torch.nn.Module, lora_linears: bool = True) -> dict[str, int]:
     """Put ``FusedRMSNorm`` and ``FusedSwiGLUMLP`` in place of the model's LLaMA norms and SiLU
-    MLPs and, with ``lora_linears``, give PEFT's LoRA ``Linear`` layers ``FusedLoraLinear``'s
-    class; returns how many of each. ``lora_linears=False`` under ZeRO-3, where the LoRA weights
+    MLPs, give ``LlamaAttention`` layers ``FusedRotaryLlamaAttention``'s class and, with
+    ``lora_linears``, PEFT's LoRA ``Linear`` layers ``FusedLoraLinear``'s; returns how many of each. ``lora_linears=False`` under ZeRO-3, where the LoRA weights
     are shards gathered only inside their own modules' forward."""
-    counts = {"norms": 0, "mlps": 0, "lora_linears": 0}
+    counts = {"norms": 0, "mlps": 0, "lora_linears": 0, "attentions": 0}
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if lora_linears and type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
             counts["lora_linears"] += 1
+        elif type(module) is LlamaAttention and mirrors_llama_attention():
+            module.__class__ = FusedRotaryLlamaAttention
+            counts["attentions"] += 1
         elif kind in LLAMA_RMS_NORMS:
             _replace(model, name, FusedRMSNorm(module.weight, module.variance_epsilon))
             counts["norms"] += 1
