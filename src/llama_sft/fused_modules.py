@@ -1,5 +1,5 @@
-"""RMSNorm and the SwiGLU MLP of LLaMA-family models with fused CPU kernels, and LoRA layers whose
-update is summed inside their second product.
+"""RMSNorm, the SwiGLU MLP and the rotary embedding of LLaMA-family models with fused CPU kernels,
+and LoRA layers whose update is summed inside their second product.
 
 Contract: ``FusedRMSNorm`` computes what transformers' ``LlamaRMSNorm`` computes (float32 inside,
 the normalised row rounded to the input dtype, then times the weight), and ``FusedSwiGLUMLP`` what
@@ -12,7 +12,8 @@ a CPU, float32 or bfloat16, for the norm a frozen weight of the input's dtype) a
 PyTorch's ops. ``use_fused_modules(model)`` puts them in place of every norm and MLP whose class
 has LLaMA's forward (``LLAMA_RMS_NORMS``, ``LLAMA_MLPS``), with the same weights and submodules, so
 state dict keys and PEFT's LoRA layers stay as they are. It also gives PEFT's LoRA ``Linear``
-layers the class ``FusedLoraLinear`` (a subclass; see its docstring for what it computes and when).
+layers the class ``FusedLoraLinear`` and ``LlamaAttention`` layers ``FusedRotaryLlamaAttention``
+(subclasses; see their docstrings for what they compute and when).
 
 Why: PyTorch runs the norm as seven passes over a float32 copy of the row in the forward and more
 in the backward (~5 ms for 1,300 rows of 512 on a 2-core Xeon, 1 ms as one kernel), 17 times a
