@@ -151,7 +151,8 @@ def test_continue_from_peft_path(model_dir, tokenizer_dir, data_dir, tmp_path, c
         )
     assert "its r is 4; the flag's 16 is ignored" in caplog.text
     kernels_line = (
-        "LoRA dropout, the cross-entropy, RMSNorm, SwiGLU and packed attention run as fused CPU kernels"
+        "LoRA dropout, the cross-entropy, RMSNorm, SwiGLU, the rotary embedding and packed attention run as "
+        "fused CPU kernels"
     )
     assert (kernels_line in caplog.text) == (cpu_kernels.kernels() is not None)
     again = load_file(frozen / "adapter_model.safetensors")

@@ -374,8 +374,8 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         with training.main_process_first(desc="CPU kernels"):
             if cpu_kernels.kernels() is not None:
                 logger.info(
-                    "LoRA dropout, the cross-entropy, RMSNorm, SwiGLU and packed attention run as "
-                    "fused CPU kernels (cpu_kernels.c)"
+                    "LoRA dropout, the cross-entropy, RMSNorm, SwiGLU, the rotary embedding and packed "
+                    "attention run as fused CPU kernels (cpu_kernels.c)"
                 )
         use_fused_modules(model, lora_linears=not is_deepspeed_zero3_enabled())
     trainable, total = model.get_nb_trainable_parameters()
