@@ -269,35 +269,21 @@ static inline vec16 load16(const float *p) {
     return v;
 }
 
-/* out[r][j] = sum_d a[r][d] * bt[d][j] for RB rows of a (RB x D) and columns j < jn of bt (D x ld,
-   ld a multiple of JT). */
-static void rows_times(const float *restrict a, const float *restrict bt, int D, int ld, int jn,
-                       float *restrict out) {
-    for (int j0 = 0; j0 < jn; j0 += JT) {
+/* out[r][c] = sum_{i < k} a[r][i] * b[i][c] for the RB rows of a (rows lda apart) and the columns
+   c < n of b (rows ldb apart), n taken up to a multiple of JT (b and out have the room); out's
+   rows are ldo apart. The scores (q K^T against the transposed keys) and the products with values
+   or keys (P V, dS K) are both this. */
+static void block_times(const float *restrict a, int lda, const float *restrict b, int ldb, int k,
+                        int n, float *restrict out, int ldo) {
+    for (int c0 = 0; c0 < n; c0 += JT) {
         vec16 acc[RB] = {0};
-        for (int d = 0; d < D; d++) {
-            vec16 b = load16(bt + (int64_t)d * ld + j0);
+        for (int i = 0; i < k; i++) {
+            vec16 row = load16(b + (int64_t)i * ldb + c0);
             _Pragma("GCC unroll 16")
-            for (int r = 0; r < RB; r++) acc[r] += a[r * D + d] * b;
+            for (int r = 0; r < RB; r++) acc[r] += a[r * lda + i] * row;
         }
         _Pragma("GCC unroll 16")
-        for (int r = 0; r < RB; r++) memcpy(out + r * ld + j0, &acc[r], sizeof acc[r]);
-    }
-}
-
-/* out[r][d] = sum_{j < jn} w[r][j] * m[j][d] for RB rows of w (RB x ld) and m (jn x D), D a
-   multiple of JT. */
-static void weights_times(const float *restrict w, int ld, const float *restrict m, int D, int jn,
-                          float *restrict out) {
-    for (int d0 = 0; d0 < D; d0 += JT) {
-        vec16 acc[RB] = {0};
-        for (int j = 0; j < jn; j++) {
-            vec16 row = load16(m + (int64_t)j * D + d0);
-            _Pragma("GCC unroll 16")
-            for (int r = 0; r < RB; r++) acc[r] += w[r * ld + j] * row;
-        }
-        _Pragma("GCC unroll 16")
-        for (int r = 0; r < RB; r++) memcpy(out + r * D + d0, &acc[r], sizeof acc[r]);
+        for (int r = 0; r < RB; r++) memcpy(out + r * ldo + c0, &acc[r], sizeof acc[r]);
     }
 }
 
@@ -349,7 +335,7 @@ void causal_attention(const void *q, const void *k, const void *v, void *out, fl
                 int rb = L - i0 < RB ? L - i0 : RB, jn = i0 + rb;
                 memset(qb, 0, (size_t)RB * D * sizeof(float));
                 load_rows(q, bf16, (s0 + i0) * sh->q_row + h * sh->q_head, sh->q_row, rb, D, sh->scale, qb, D);
-                rows_times(qb, kt, D, ld, jn, p);
+                block_times(qb, D, kt, ld, D, jn, p, ld);
                 float inv[RB];
                 for (int r = 0; r < RB; r++) {
                     float *row = p + r * ld;
@@ -366,7 +352,7 @@ void causal_attention(const void *q, const void *k, const void *v, void *out, fl
                     inv[r] = last >= 0 ? 1.0f / sum : 0.0f;
                     if (last >= 0) lse[h * n + s0 + i0 + r] = top + logf(sum);
                 }
-                weights_times(p, ld, vb, D, jn, ob);
+                block_times(p, ld, vb, D, jn, D, ob, D);
                 for (int r = 0; r < rb; r++)
                     for (int d = 0; d < D; d++) ob[r * D + d] *= inv[r];
                 store_rows(out, bf16, (s0 + i0) * H * D + h * D, H * D, rb, D, ob, D);
@@ -411,8 +397,8 @@ void causal_attention_backward(const void *grad, const void *q, const void *k, c
                 load_rows(q, bf16, (s0 + i0) * sh->q_row + h * sh->q_head, sh->q_row, rb, D, sh->scale, qb, D);
                 load_rows(grad, bf16, row0, H * D, rb, D, 1.0f, gb, D);
                 load_rows(out, bf16, row0, H * D, rb, D, 1.0f, ob, D);
-                rows_times(qb, kt, D, ld, jn, p);  /* scores */
-                rows_times(gb, vt, D, ld, jn, ds); /* d(probabilities) */
+                block_times(qb, D, kt, ld, D, jn, p, ld);  /* scores */
+                block_times(gb, D, vt, ld, D, jn, ds, ld); /* d(probabilities) */
                 for (int r = 0; r < RB; r++) {
                     int last = i0 + r < L ? i0 + r : -1;
                     float top = last >= 0 ? lse[h * n + s0 + i0 + r] : 0.0f, dot = 0.0f;
@@ -425,7 +411,7 @@ void causal_attention_backward(const void *grad, const void *q, const void *k, c
                         dr[j] = e * (dr[j] - dot);
                     }
                 }
-                weights_times(ds, ld, kb, D, jn, dqb);
+                block_times(ds, ld, kb, D, jn, D, dqb, D);
                 for (int r = 0; r < rb; r++)
                     for (int d = 0; d < D; d++) dqb[r * D + d] *= sh->scale;
                 store_rows(dq, bf16, row0, H * D, rb, D, dqb, D);

@@ -179,6 +179,8 @@ class RotaryEmbedding(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:  # the kernel reads whole rows; the attention may hand back any layout
+            grad = grad.contiguous()
         return cpu_kernels.rotary(grad, cos, sin, backward=True), None, None
 
 

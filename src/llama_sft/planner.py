@@ -9,8 +9,8 @@ frees them: not under DeepSpeed, nor for a resized vocabulary), trainable weight
 AdamW state (float32), divided across devices as the ZeRO stage says, activations of one
 forward/backward pass (a per-token, per-layer rule measured on LLaMA with sdpa attention, or one
 layer input per layer with gradient checkpointing), the vocabulary projection and the runtime
-itself. It is an estimate:
-allocator fragmentation and framework buffers are not modelled beyond a fixed runtime share.
+itself. It is an estimate: allocator fragmentation and framework buffers are not modelled beyond a
+fixed runtime share.
 """
 
 from __future__ import annotations
