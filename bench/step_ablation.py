@@ -31,6 +31,9 @@ every one sees the same machine, and reports the median time and tokens/s of eac
     -empty-head-outside-autocast  the model's lm_head on no positions under autocast, which casts
                         its weight
 
+The step runs in llama-sft's dtype on this machine: bfloat16 autocast over bfloat16 frozen
+weights, or float32 throughout on a CPU without bfloat16 matrix units (--dtype chooses), where
+-base-dtype-residual, -own-autocast and -empty-head-outside-autocast change nothing.
 The optimizer step is the same for every variant and is left out. On a GPU (when one is seen) the
 step runs there and each time ends with a synchronisation; the CPU-only variants are then the same
 as "all". Options it does not know go to train_bench.py's workload (--hidden 2048 --layers 16 ...).
@@ -120,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         data, _ = encode_records(records, load_template("alpaca"), tokenizer, w["max_seq_length"])
         examples = [data[i] for i in range(len(data))]
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(
-            w["model"], dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
+        # llama-sft's dtype on this machine: frozen bfloat16 weights under bfloat16 autocast, or
+        # float32 throughout on a CPU without bfloat16 matrix units.
+        dtype = getattr(torch, train_bench.llama_sft_dtype(bench_args))
+        autocast = dtype == torch.bfloat16
+        base = AutoModelForCausalLM.from_pretrained(w["model"], dtype=dtype, attn_implementation="sdpa")
     lora = LoraArguments(
         trainable=",".join(train_bench.PROJECTIONS),
         lora_rank=8,
@@ -175,12 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         own = variant != "-own-autocast"
         own_loss = variant in ("-labelled-lm_head", "-fused-ce", "-own-autocast")
         with (
-            torch.autocast(device.type, dtype=torch.bfloat16),
-            disable_input_dtype_casting(model, active=own),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+            disable_input_dtype_casting(model, active=own and autocast),
         ):
             if not own_loss:
                 weight = None if variant == "-fused-head" else head.weight
-                low = None if weight is None else head_copy(weight, torch.bfloat16)
+                low = head_copy(weight, torch.bfloat16) if weight is not None and autocast else None
                 loss, count, _ = labelled_loss_sum(model, inputs, weight, low, head_memory if kept else None)
                 (loss / count).backward()
                 model.zero_grad(set_to_none=True)
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         for v in variants
     ]
     print(
-        f"{args.records} records, {tokens} tokens, forward + backward on {device.type}, median of {args.reps}:"
+        f"{args.records} records, {tokens} tokens, forward + backward on {device.type} in {dtype}, "
+        f"median of {args.reps}:"
     )
     print(f"{'variant':20s} {'median ms':>10s} {'min ms':>8s} {'tokens/s':>9s} {'x all':>6s}")
     for r in rows:
@@ -242,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "reps": args.reps,
         "quick": args.quick,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
         "workload_args": workload_args,
         "rows": rows,
     }

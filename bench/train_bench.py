@@ -453,7 +453,7 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
         return run_trl(w, **TRL_SETTINGS[TRL_BEST])
     if name in TRL_SETTINGS:
         return run_trl(w, **TRL_SETTINGS[name])
-    ours = args.dtype or ("bfloat16" if cpu_has_bf16() else "float32")  # llama-sft's default dtype
+    ours = llama_sft_dtype(args)
     if name == "llama-sft":
         return run_llama_sft(w, ours)
     if name == "llama-sft-fp32":
@@ -472,6 +472,11 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
 # FLOPs and the machine's GEMM rate.
 
 
+def llama_sft_dtype(args: argparse.Namespace) -> str:
+    """llama-sft's dtype: --dtype, else bfloat16 on a GPU or where the CPU has bfloat16 matrix units."""
+    return args.dtype or ("bfloat16" if on_gpu() or cpu_has_bf16() else "float32")
+
+
 def cpu_has_bf16() -> bool:
     import torch
 
@@ -482,13 +487,23 @@ def cpu_has_bf16() -> bool:
 
 
 def gemm_rate(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
-    """Best of three timings of a square matrix product, in GFLOP/s."""
+    """Best of three timings of a square matrix product, in GFLOP/s.
+
+    A dtype the CPU has no fast path for (bfloat16 without AVX512-BF16 or AMX: one 2048^3 product
+    took 63 s on an AVX2 EPYC) is measured on a smaller product, so the measurement stays within a
+    few seconds."""
     import torch
 
     dtype, device = getattr(torch, dtype_name), "cuda" if on_gpu() else "cpu"
     size = 8192 if device == "cuda" else size
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-    for _ in range(3):
+    while True:
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        start = time.perf_counter()
+        a @ b
+        if time.perf_counter() - start < seconds / 3 or size <= 256:
+            break
+        size //= 4
+    for _ in range(2):
         a @ b
     best = 0.0
     for _ in range(3):
@@ -587,7 +602,7 @@ def add_flops(results: list[dict], w: dict, rates: dict, runs: list[dict]) -> No
         head_share = stats["labelled_share"] if run["name"].startswith("llama-sft") else 1.0
         executed = flops["body"] + flops["lm_head"] * head_share
         run["gemm_gflops"] = round(rate, 1)
-        run["gemm_gflops_at_start"] = round(rates[run["dtype"]], 1)
+        run["gemm_gflops_at_start"] = round(rates.get(run["dtype"], after_run), 1)
         run["gemm_gflops_after_run"] = round(after_run, 1)
         run["mfu"] = round(run["tokens_per_s"] * flops["total"] / (rate * 1e9), 4)
         run["mfu_executed"] = round(run["tokens_per_s"] * executed / (rate * 1e9), 4)
@@ -677,6 +692,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.workload).with_name(f"result-{args.child}.json").write_text(json.dumps(result))
         return
     names = [n for n in args.runs.split(",") if n]
+    if "llama-sft" in names and "llama-sft-fp32" in names and llama_sft_dtype(args) == "float32":
+        # Without bfloat16 matrix units llama-sft's default is float32: the same run twice.
+        names.remove("llama-sft-fp32")
+        print(
+            "llama-sft trains in float32 on this CPU (no bfloat16 matrix units): llama-sft-fp32 is the same run"
+        )
     if args.trl_sweep:
         names += list(TRL_SETTINGS)
     with tempfile.TemporaryDirectory(prefix="llama-sft-bench-") as tmp:
@@ -688,7 +709,10 @@ def main(argv: list[str] | None = None) -> None:
             f"workload: {w['source']} data, {w['train_records']} training records, vocab {w['vocab']}, "
             f"hidden {args.hidden} x {args.layers} layers, {w['steps']} steps x {w['global_batch']} records"
         )
-        rates = {d: gemm_rate(d) for d in ("float32", "bfloat16")}
+        # bfloat16 only where llama-sft trains in it: without bfloat16 matrix units it trains in
+        # float32, and there a bfloat16 product of 2048^3 takes a minute.
+        dtypes = sorted({"float32", llama_sft_dtype(args)})
+        rates = {d: gemm_rate(d) for d in dtypes}
         print("GEMM rate: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items()), flush=True)
         runs = [run_child(name, workload_file, args) for _ in range(args.repeat) for name in names]
         results = [median_run([r for r in runs if r["name"] == name]) for name in names]

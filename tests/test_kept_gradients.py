@@ -125,10 +125,37 @@ def test_fused_head_makes_its_logits_and_casts_its_weight_gradient_into_kept_mem
         assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr() and len(buffers) == 1
         for weight in weights.values():
             weight.grad = None
-    # Without a compute-dtype copy the products are new float32 tensors: nothing is kept.
+    # Under autocast without a compute-dtype copy the products' dtype is autocast's: nothing is kept.
     unkept = HeadMemory()
-    head_loss_sum(hidden.float(), weights["kept"], targets, None, unkept).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head_loss_sum(hidden.float(), weights["kept"], targets, None, unkept).backward()
     assert unkept.grad.buffer is None and unkept.logits.buffer is None and weights["kept"].grad is not None
+
+
+def test_in_float32_the_fused_head_makes_its_logits_and_weight_gradient_in_kept_memory(ops_path):
+    """Float32 training (the default on a CPU without bfloat16 units), no compute-dtype copy:
+    the logits and the weight's gradient product go straight into kept memory, over micro-batches
+    of 48 then 20 rows and two steps, with the loss and gradients of new tensors."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(48, 32, generator=g)
+    targets = torch.randint(0, 300, (48,), generator=g)
+    targets[::5] = -100
+    start = torch.randn(300, 32, generator=g)
+    weights = {name: torch.nn.Parameter(start.clone()) for name in ("new", "kept")}
+    kept = HeadMemory()
+    for _step in range(2):
+        for rows in (48, 20):
+            losses = {}
+            for name, weight in weights.items():
+                memory = kept if name == "kept" else None
+                losses[name] = head_loss_sum(hidden[:rows], weight, targets[:rows], None, memory)
+                (losses[name] / 48).backward()
+            assert torch.allclose(losses["kept"], losses["new"], rtol=1e-6)
+            assert kept.logits.buffer.numel() == (48 + KEPT_ROWS_SLACK) * 300 * 4  # float32 bytes
+        assert torch.allclose(weights["kept"].grad, weights["new"].grad, rtol=1e-5, atol=1e-7)
+        assert weights["kept"].grad.data_ptr() == kept.grad.buffer.data_ptr()
+        for weight in weights.values():
+            weight.grad = None
 
 
 def test_kept_rows_grow_only_when_more_rows_are_needed():

@@ -118,10 +118,11 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
     backward, which only scales the two small gradients (``head_loss_sum`` calls it only where a
     gradient will be taken). ``low``, when given, is ``weight`` already
     in the compute dtype (a ``ComputeDtypeCopy``): the products use it, and once they no longer need
-    it, the weight's gradient product is written over it instead of into a new tensor. Given with
-    ``low``, ``logits_into`` (n, vocab) is where the logits are made (``KeptRows.take``) and
-    ``grad_into`` where the weight's gradient product is cast to the weight's dtype
-    (``KeptGradient.take``), instead of new tensors.
+    it, the weight's gradient product is written over it instead of into a new tensor.
+    ``logits_into`` (n, vocab), in the products' dtype, is where the logits are made
+    (``KeptRows.take``) and ``grad_into`` where the weight's gradient lands (``KeptGradient.take``):
+    the product's cast to the weight's dtype with ``low``, the product itself without it (then
+    every input is in the weight's dtype, outside autocast), instead of new tensors.
     """
 
     @staticmethod
@@ -139,20 +140,23 @@ class LabelledHeadCrossEntropy(torch.autograd.Function):
         if logits_into is None:
             logits = F.linear(hidden, product_weight)
         else:
-            logits = torch.mm(hidden.to(low.dtype), low.t(), out=logits_into)
+            logits = torch.mm(hidden.to(logits_into.dtype), product_weight.t(), out=logits_into)
         total = cross_entropy_chunks(logits, targets, logits)  # the logits become their gradient
         grad_hidden = torch.matmul(logits, product_weight).to(hidden.dtype) if need_hidden else None
         grad_weight = None
         if need_weight:
-            if low is None:
-                in_compute_dtype = torch.matmul(logits.t(), hidden)
-            else:  # the copy has served both products; its buffer takes the gradient's
-                in_compute_dtype = torch.matmul(logits.t(), hidden.to(low.dtype), out=low)
-            del logits  # before the float32 copy of the weight gradient is made
-            if grad_into is None:
-                grad_weight = in_compute_dtype.to(weight.dtype)
+            if low is None and grad_into is not None:  # all in the weight's dtype: no cast to make
+                grad_weight = torch.mm(logits.t(), hidden, out=grad_into)
             else:
-                grad_weight = grad_into.copy_(in_compute_dtype)
+                if low is None:
+                    in_compute_dtype = torch.matmul(logits.t(), hidden)
+                else:  # the copy has served both products; its buffer takes the gradient's
+                    in_compute_dtype = torch.matmul(logits.t(), hidden.to(low.dtype), out=low)
+                del logits  # before the float32 copy of the weight gradient is made
+                if grad_into is None:
+                    grad_weight = in_compute_dtype.to(weight.dtype)
+                else:
+                    grad_weight = grad_into.copy_(in_compute_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -188,13 +192,18 @@ def head_loss_sum(
     kept: HeadMemory | None = None,
 ) -> torch.Tensor:
     """``LabelledHeadCrossEntropy`` where a gradient will be taken, into ``kept`` memory when it
-    and ``low`` are given; in evaluation (grad mode off), ``head_loss_in_blocks``. An autograd
-    function cannot tell the two apart: its inputs still require grad under ``torch.no_grad()``,
-    so it would make both gradients for nothing."""
+    is given and the products' dtype is ``low``'s or (no ``low``, no autocast) the weight's; in
+    evaluation (grad mode off), ``head_loss_in_blocks``. An autograd function cannot tell the two
+    apart: its inputs still require grad under ``torch.no_grad()``, so it would make both
+    gradients for nothing."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         logits_into = grad_into = None
-        if kept is not None and low is not None:
-            logits_into = kept.logits.take(hidden.shape[0], low.shape[0], low.dtype)
+        # Kept memory where the products' dtype is known here: the compute-dtype copy's, or the
+        # weight's when everything is in it (float32 training on a CPU without bfloat16 units).
+        in_weight_dtype = hidden.dtype == weight.dtype and not torch.is_autocast_enabled(hidden.device.type)
+        if kept is not None and (low is not None or in_weight_dtype):
+            compute_dtype = weight.dtype if low is None else low.dtype
+            logits_into = kept.logits.take(hidden.shape[0], weight.shape[0], compute_dtype)
             grad_into = kept.grad.take(weight) if weight.requires_grad else None
         return LabelledHeadCrossEntropy.apply(hidden, weight, targets, low, logits_into, grad_into)
     return head_loss_in_blocks(hidden, weight if low is None else low, targets)
