@@ -232,7 +232,13 @@ SWIGLU(swiglu_bf16, swiglu_backward_bf16, uint16_t, bf16_to_float, float_to_bf16
    50-350 tokens, bfloat16) at 15-45 GFLOP/s on 2 cores, with a dozen ops and new tensors per
    record; this runs them at 70-75 (8 records of 55-341 tokens). */
 #define RB 8  /* query rows per block */
-#define JT 16 /* floats per vector tile */
+/* Floats per vector tile: one register's worth. Wider than the registers, GCC keeps the
+   accumulators on the stack (AVX2: forward and backward ran 2x slower than PyTorch's sdpa). */
+#ifdef __AVX512F__
+#define JT 16
+#else
+#define JT 8
+#endif
 
 static void load_rows(const void *src, int bf16, int64_t first, int64_t row_stride, int rows, int D,
                       float mul, float *restrict dst, int ld) {
@@ -260,11 +266,11 @@ static void store_rows(void *dst, int bf16, int64_t first, int64_t row_stride, i
     }
 }
 
-/* Sixteen floats in a vector register (or two or four of them, where the CPU's are narrower). */
-typedef float vec16 __attribute__((vector_size(64)));
+/* JT floats in a vector register (where the CPU has no vector unit, GCC splits it). */
+typedef float vec_t __attribute__((vector_size(JT * sizeof(float))));
 
-static inline vec16 load16(const float *p) {
-    vec16 v;
+static inline vec_t load_vec(const float *p) {
+    vec_t v;
     memcpy(&v, p, sizeof v);
     return v;
 }
@@ -276,9 +282,9 @@ static inline vec16 load16(const float *p) {
 static void block_times(const float *restrict a, int lda, const float *restrict b, int ldb, int k,
                         int n, float *restrict out, int ldo) {
     for (int c0 = 0; c0 < n; c0 += JT) {
-        vec16 acc[RB] = {0};
+        vec_t acc[RB] = {0};
         for (int i = 0; i < k; i++) {
-            vec16 row = load16(b + (int64_t)i * ldb + c0);
+            vec_t row = load_vec(b + (int64_t)i * ldb + c0);
             _Pragma("GCC unroll 16")
             for (int r = 0; r < RB; r++) acc[r] += a[r * lda + i] * row;
         }
@@ -292,12 +298,12 @@ static void block_times(const float *restrict a, int lda, const float *restrict 
 static void add_outer(const float *restrict w, int ld, const float *restrict a, int D, int jn,
                       float *restrict m) {
     for (int d0 = 0; d0 < D; d0 += JT) {
-        vec16 tile[RB];
+        vec_t tile[RB];
         _Pragma("GCC unroll 16")
-        for (int r = 0; r < RB; r++) tile[r] = load16(a + r * D + d0);
+        for (int r = 0; r < RB; r++) tile[r] = load_vec(a + r * D + d0);
         for (int j = 0; j < jn; j++) {
             float *row = m + (int64_t)j * D + d0;
-            vec16 acc = load16(row);
+            vec_t acc = load_vec(row);
             _Pragma("GCC unroll 16")
             for (int r = 0; r < RB; r++) acc += w[r * ld + j] * tile[r];
             memcpy(row, &acc, sizeof acc);
