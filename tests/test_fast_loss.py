@@ -8,7 +8,12 @@ import torch
 from llama_sft.args import LoraArguments
 from llama_sft.collate import Collator
 from llama_sft.demo import make_model
-from llama_sft.kept_gradients import EmbeddingWithKeptGradient, keep_embedding_gradients
+from llama_sft.kept_gradients import (
+    KEPT_ROWS_SLACK,
+    EmbeddingWithKeptGradient,
+    HeadMemory,
+    keep_embedding_gradients,
+)
 from llama_sft.model import attach_lora, keep_residual_in_base_dtype
 from llama_sft.packing import PackingCollator
 from llama_sft.trainer import (
@@ -221,7 +226,37 @@ def test_fused_head_evaluates_in_blocks_of_rows(monkeypatch):
     ref = torch.nn.functional.cross_entropy(hidden @ weight.detach().t(), targets, reduction="sum")
     assert torch.allclose(loss, ref, rtol=1e-6)
     made.clear()
-    assert torch.allclose(head_loss_sum(hidden, weight, targets), ref, rtol=1e-6) and made == [70]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training under autocast: every row at once
+        head_loss_sum(hidden, weight, targets)
+    assert made == [70]
+
+
+def test_float32_head_trains_in_blocks_of_rows_with_the_loss_and_gradients_of_one_product(
+    monkeypatch, ops_path
+):
+    """Every product in the weight's dtype: the rows go HEAD_BLOCK_ROWS at a time (here 32; rows
+    32-63 all ignored), only a block of logits is held in kept memory, and the loss and both
+    gradients are those of one product over every row. No labelled row gives a zero loss."""
+    monkeypatch.setattr("llama_sft.trainer.HEAD_BLOCK_ROWS", 32)
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(70, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (70,), generator=g)
+    targets[32:64] = -100
+    targets[::7] = -100
+    kept = HeadMemory()
+    ours = head_loss_sum(hidden, weight, targets, None, kept)
+    got = torch.autograd.grad(ours * 0.5, (hidden, weight))
+    assert kept.logits.buffer.numel() == (32 + KEPT_ROWS_SLACK) * 40 * 4  # one block of float32 rows
+    assert got[1].data_ptr() == kept.grad.buffer.data_ptr()
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    expected = torch.autograd.grad(ref * 0.5, (hidden, weight))
+    assert torch.allclose(ours, ref, rtol=1e-6)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    empty = head_loss_sum(hidden[:0], weight, targets[:0])
+    assert float(empty) == 0.0
+    assert torch.equal(torch.autograd.grad(empty, weight)[0], torch.zeros_like(weight))
 
 
 def test_fused_head_with_a_kept_bfloat16_copy_equals_autocast_and_reuses_it():
