@@ -47,9 +47,10 @@ CE_CHUNK_ROWS = 16
 GPU_CE_CHUNK_VALUES = 2**26
 # Rows of logits made at a time by the fused output projection when its products are in the
 # weight's dtype (float32): 512 x 55,296 float32 logits are the size of the trained embedding's
-# gradient, which shares their kept memory; all 1,300 labelled rows of a step at once took 345 MB
-# more at the peak. The three products of 1,300 rows in blocks of 512 took 5% longer than whole
-# (1,487 against 1,413 ms on a 2-core EPYC), in blocks of 256 14% longer.
+# gradient, which shares their kept memory; all 1,300 labelled rows of a step at once raised the
+# peak RSS of 12-step runs by 150-170 MiB (2,541-2,551 against 2,377-2,398). The three products
+# of 1,300 rows in blocks of 512 took 5% longer than whole (1,487 against 1,413 ms on a 2-core
+# AVX2 EPYC), in blocks of 256 14% longer.
 HEAD_BLOCK_ROWS = 512
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.
