@@ -18,7 +18,7 @@ micro-batches and all processes together, as transformers normalises with
 3. a packed row longer than ``max_tokens_per_pass`` is trained in pieces of whole records
    (``packing.split_packed``), each forward and backward in turn, within one optimizer step.
 
-``ReturnFreedMemory`` is the callback that hands freed heap pages back after each step on a CPU;
+``ReturnFreedMemory`` is the callback that hands freed heap pages back every few steps on a CPU;
 ``DropReplacedBaseWeights`` frees the base weights that ``modules_to_save`` copies replace, once
 training begins.
 """
@@ -52,6 +52,8 @@ GPU_CE_CHUNK_VALUES = 2**26
 # of 1,300 rows in blocks of 512 took 5% longer than whole (1,487 against 1,413 ms on a 2-core
 # AVX2 EPYC), in blocks of 256 14% longer.
 HEAD_BLOCK_ROWS = 512
+# Optimizer steps between two returns of freed heap pages (``ReturnFreedMemory``).
+TRIM_EVERY_STEPS = 8
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.
 EVAL_ROWS = 1024
@@ -422,26 +424,31 @@ class SftTrainer(Trainer):
 
 
 class ReturnFreedMemory(TrainerCallback):
-    """After every optimizer step, give the pages of freed tensors back to the system (glibc's
+    """Every ``every`` optimizer steps, give the pages of freed tensors back to the system (glibc's
     ``malloc_trim``); a no-op where the C library has no such call. ``--return_freed_memory False``
     leaves it out.
 
     Why: packed rows change length every step, so activations of new sizes land in new places of
     glibc's heap, and the holes left by earlier steps stay resident. Peak RSS of the benchmark's
-    run (session 7): 2,083-2,105 MiB with it and 2,287-2,324 without over 30 steps; over 150 steps,
-    2,277 and 2,547 MiB (without it, RSS kept rising for 100 steps). The price: the next step faults
-    every page it reuses in again. Whole 30-step runs, alternating: 750-886 tokens/s with it,
-    845-1,013 without (means 823 and 941).
+    run (session 7): 2,083-2,105 MiB with a trim after every step and 2,287-2,324 without over 30
+    steps; over 150 steps, 2,277 and 2,547 MiB (without it, RSS kept rising for 100 steps). The
+    price: the next step faults every page it reuses in again. Why every 8 steps (session 12,
+    2-core AVX-512 EPYC, the benchmark's workload): 1,543 and 1,465 against 1,167 and 1,311
+    tokens/s after every step, alternating 30-step runs, at 1,946-1,974 against 1,886-1,897 MiB;
+    over 150 steps 1,704 against 1,450 tokens/s, 2,050 against 1,993 MiB (no trim: 1,899 tokens/s,
+    2,117 MiB): the holes of a few steps cost little memory, and most steps reuse the pages of the
+    last. Single runs each, on a machine whose speed drifts by 10-30%.
     """
 
-    def __init__(self):
+    def __init__(self, every: int = TRIM_EVERY_STEPS):
+        self.every = every
         try:
             self.trim = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError, TypeError):
             self.trim = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trim is not None:
+        if self.trim is not None and state.global_step % self.every == 0:
             self.trim(0)
 
 
