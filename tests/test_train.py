@@ -272,15 +272,18 @@ def test_train_sets_allocation_options_before_torch_allocates(preset):
         assert (int(huge_kib) >= 2048) == (preset is None)
 
 
-@pytest.mark.parametrize("return_freed", [True, False])
-def test_freed_memory_goes_back_after_each_step_unless_switched_off(
-    model_dir, tokenizer_dir, data_dir, tmp_path, monkeypatch, return_freed
+@pytest.mark.parametrize("return_freed, fp16", [(True, False), (True, True), (False, False)])
+def test_freed_memory_goes_back_every_step_in_float32_every_eighth_under_bf16_unless_switched_off(
+    model_dir, tokenizer_dir, data_dir, tmp_path, monkeypatch, return_freed, fp16
 ):
-    from llama_sft.trainer import ReturnFreedMemory
+    from llama_sft.train import cpu_supports_bf16
+    from llama_sft.trainer import TRIM_EVERY_STEPS, ReturnFreedMemory
 
-    steps = []
+    intervals = []
     monkeypatch.setattr(
-        ReturnFreedMemory, "on_step_end", lambda self, args, state, control, **kw: steps.append(1)
+        ReturnFreedMemory,
+        "on_step_end",
+        lambda self, args, state, control, **kw: intervals.append(self.every),
     )
     argv = train_argv(
         model_dir,
@@ -292,9 +295,12 @@ def test_freed_memory_goes_back_after_each_step_unless_switched_off(
         evaluation_strategy="no",
         save_strategy="no",
         return_freed_memory=str(return_freed),
+        fp16=fp16,
     )
     train(argv)
-    assert len(steps) == (2 if return_freed else 0)
+    # --fp16 trains under bfloat16 autocast where the CPU has bfloat16 units, else in float32.
+    every = TRIM_EVERY_STEPS if fp16 and cpu_supports_bf16() else 1
+    assert intervals == ([every, every] if return_freed else [])
 
 
 def test_base_copies_of_saved_modules_leave_memory_when_training_begins(

@@ -52,7 +52,8 @@ GPU_CE_CHUNK_VALUES = 2**26
 # of 1,300 rows in blocks of 512 took 5% longer than whole (1,487 against 1,413 ms on a 2-core
 # AVX2 EPYC), in blocks of 256 14% longer.
 HEAD_BLOCK_ROWS = 512
-# Optimizer steps between two returns of freed heap pages (``ReturnFreedMemory``).
+# Optimizer steps between two returns of freed heap pages (``ReturnFreedMemory``) under bfloat16
+# autocast; in float32 train.py trims after every step.
 TRIM_EVERY_STEPS = 8
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.
@@ -432,12 +433,11 @@ class ReturnFreedMemory(TrainerCallback):
     glibc's heap, and the holes left by earlier steps stay resident. Peak RSS of the benchmark's
     run (session 7): 2,083-2,105 MiB with a trim after every step and 2,287-2,324 without over 30
     steps; over 150 steps, 2,277 and 2,547 MiB (without it, RSS kept rising for 100 steps). The
-    price: the next step faults every page it reuses in again. Why every 8 steps (session 12,
-    2-core AVX-512 EPYC, the benchmark's workload): 1,543 and 1,465 against 1,167 and 1,311
-    tokens/s after every step, alternating 30-step runs, at 1,946-1,974 against 1,886-1,897 MiB;
-    over 150 steps 1,704 against 1,450 tokens/s, 2,050 against 1,993 MiB (no trim: 1,899 tokens/s,
-    2,117 MiB): the holes of a few steps cost little memory, and most steps reuse the pages of the
-    last. Single runs each, on a machine whose speed drifts by 10-30%.
+    price: the next step faults every page it reuses in again. Why every 8 steps under bfloat16
+    autocast and every step in float32 (session 12, 2-core AVX-512 EPYC, the benchmark's 30-step
+    runs back to back): bfloat16 2,047 tokens/s at 1.94 GB against 1,796 at 1.87 GB after every
+    step; float32 679 at 2.60 GB against 631 at 2.34 GB, where float32's holes are twice the size
+    and the peak would pass the original pipeline's (2.35-2.41 GB).
     """
 
     def __init__(self, every: int = TRIM_EVERY_STEPS):
