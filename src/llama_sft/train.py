@@ -69,7 +69,7 @@ from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
 from .templates import Template, TemplateError, load_template
 from .tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
-from .trainer import TRIM_EVERY_STEPS, DropReplacedBaseWeights, ReturnFreedMemory, SftTrainer
+from .trainer import DropReplacedBaseWeights, ReturnFreedMemory, SftTrainer
 
 logger = logging.getLogger("llama_sft")
 
@@ -409,7 +409,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             FiniteGradCallback(training.nan_policy),
             DropReplacedBaseWeights(),
             *(
-                [ReturnFreedMemory(TRIM_EVERY_STEPS if training.bf16_autocast else 1)]
+                [ReturnFreedMemory(training.bf16_autocast)]
                 if training.device.type == "cpu" and training.return_freed_memory
                 else []
             ),

@@ -53,7 +53,7 @@ GPU_CE_CHUNK_VALUES = 2**26
 # AVX2 EPYC), in blocks of 256 14% longer.
 HEAD_BLOCK_ROWS = 512
 # Optimizer steps between two returns of freed heap pages (``ReturnFreedMemory``) under bfloat16
-# autocast; in float32 train.py trims after every step.
+# autocast; in float32 the heap is trimmed after every step.
 TRIM_EVERY_STEPS = 8
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.
@@ -425,9 +425,9 @@ class SftTrainer(Trainer):
 
 
 class ReturnFreedMemory(TrainerCallback):
-    """Every ``every`` optimizer steps, give the pages of freed tensors back to the system (glibc's
-    ``malloc_trim``); a no-op where the C library has no such call. ``--return_freed_memory False``
-    leaves it out.
+    """Give the pages of freed tensors back to the system (glibc's ``malloc_trim``) every
+    ``TRIM_EVERY_STEPS`` optimizer steps under bfloat16 autocast, after every step otherwise; a
+    no-op where the C library has no such call. ``--return_freed_memory False`` leaves it out.
 
     Why: packed rows change length every step, so activations of new sizes land in new places of
     glibc's heap, and the holes left by earlier steps stay resident. Peak RSS of the benchmark's
@@ -436,12 +436,12 @@ class ReturnFreedMemory(TrainerCallback):
     price: the next step faults every page it reuses in again. Why every 8 steps under bfloat16
     autocast and every step in float32 (session 12, 2-core AVX-512 EPYC, the benchmark's 30-step
     runs back to back): bfloat16 2,047 tokens/s at 1.94 GB against 1,796 at 1.87 GB after every
-    step; float32 679 at 2.60 GB against 631 at 2.34 GB, where float32's holes are twice the size
-    and the peak would pass the original pipeline's (2.35-2.41 GB).
+    step; float32 679 at 2.60 GB against 631 at 2.34 GB (one run each), where the peak would pass
+    the original pipeline's (2.35-2.41 GB).
     """
 
-    def __init__(self, every: int = TRIM_EVERY_STEPS):
-        self.every = every
+    def __init__(self, under_bf16_autocast: bool):
+        self.every = TRIM_EVERY_STEPS if under_bf16_autocast else 1
         try:
             self.trim = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError, TypeError):
