@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU, one prepared run (< 8 minutes): a ~1B-parameter LLaMA with random weights, bfloat16,
 # max_seq_length 1024, the original pipeline (HF Trainer + PEFT, right-padded, batch 1 x GA 8 and
-# batch 8, and batch 8 again with cuDNN's attention switched off as llama-sft does) against
+# batch 8, each again with cuDNN's attention switched off as llama-sft does) against
 # llama-sft's default path, 20 optimizer steps of 8 records each. Prints tokens/s and peak GPU
 # memory and writes $OUT/gpu_bench.json (+ .png) and $OUT/gpu_bench.log. With --ablation it then
 # times llama-sft's step with each of its changes undone on the same model (step_ablation.py,
@@ -51,12 +51,12 @@ esac
 # A failed benchmark does not stop the ablation: a GPU lease is too short to rerun either.
 failed=0
 $PY bench/train_bench.py "${MODEL[@]}" "${STEPS[@]}" --max-seq-length 1024 \
-    --runs original-bs1-ga8,original-bs8,original-bs8-no-cudnn,llama-sft \
+    --runs original-bs1-ga8,original-bs1-ga8-no-cudnn,original-bs8,original-bs8-no-cudnn,llama-sft \
     --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" || failed=1
 [ "$ABLATION" = 1 ] || exit $failed
 
 # The CPU-only variants (-bits-dropout, -cpu-kernels) are the same as "all" on a GPU.
 $PY bench/step_ablation.py "${MODEL[@]}" --max-seq-length 1024 --reps 6 --profile 30 \
-    --variants all,-packing,-packed-attention,-labelled-lm_head,-fused-head,-fused-ce,-base-dtype-residual,-own-autocast \
+    --variants all,-packing,-packed-attention,-row-at-once,-labelled-lm_head,-fused-head,-fused-ce,-base-dtype-residual,-own-autocast,-fused-lora \
     --out "$OUT/gpu_ablation.json" 2>&1 | tee "$OUT/gpu_ablation.log" || failed=1
 exit $failed

@@ -7,7 +7,7 @@ CPU path, then with one of its changes undone, the variants interleaved and repe
 every one sees the same machine, and reports the median time and tokens/s of each:
 
     all                 the default path: packed row, record-by-record attention (one CPU
-                        kernel call per layer), BitsDropout, labelled-only lm_head fused with
+                        kernel call per layer; on a GPU one masked sdpa call), BitsDropout, labelled-only lm_head fused with
                         the loss and both gradients in the forward, bfloat16 residual stream,
                         our autocast, fused norms and MLPs, lm_head's weight cast into a kept
                         buffer, the head's logits and the vocabulary gradients in kept memory
@@ -15,6 +15,7 @@ every one sees the same machine, and reports the median time and tokens/s of eac
                         LoRA updates summed inside the products
     -packing            right-padded batch of 8 with a padding mask (what the original does)
     -packed-attention   sdpa with transformers' block-diagonal (n, n) mask
+    -row-at-once        on a GPU, one sdpa call per record, not one masked call for the row
     -bits-dropout       torch.nn.Dropout for LoRA
     -cpu-kernels        PyTorch's ops where the fused CPU kernels run (dropout bits from NumPy,
                         select and scale; a log-softmax per 16 rows of logits; one sdpa call per
@@ -61,6 +62,7 @@ VARIANTS = (
     "all",
     "-packing",
     "-packed-attention",
+    "-row-at-once",
     "-bits-dropout",
     "-cpu-kernels",
     "-labelled-lm_head",
@@ -92,9 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     from peft.tuners.lora import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from llama_sft import cpu_kernels
+    from llama_sft import attention, cpu_kernels
     from llama_sft.args import LoraArguments
-    from llama_sft.attention import PACKED_SDPA
     from llama_sft.collate import Collator
     from llama_sft.dropout import BitsDropout, set_lora_dropout
     from llama_sft.encode import IGNORE_INDEX, encode_records
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     originals = {name: m for name, m in model.named_modules() if type(m).__name__ in kinds}
     head, head_copy, head_memory = head_projection(model), ComputeDtypeCopy(), HeadMemory()
     embedding = model.get_input_embeddings().modules_to_save["default"]
-    if device.type == "cpu":  # as train.py and SftTrainer do
-        use_fused_modules(model)
+    use_fused_modules(model)  # as train.py does; off the CPU only the LoRA layers change
+    if device.type == "cpu":  # as SftTrainer does
         keep_embedding_gradients(model, head_memory.logits)
     fused = {name: model.get_submodule(name) for name in originals}
     fused_lora = [m for m in model.modules() if type(m) is FusedLoraLinear]
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     packed, padded = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, padded))
     tokens = sum(len(e["input_ids"]) for e in examples)
 
+    row_at_once_max_len = attention.GPU_ROW_AT_ONCE_MAX_LEN
     residual_hook = None  # at most one on the model: each step removes the previous step's
 
     def use_kernels(on: bool) -> None:
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         set_modules(originals if variant == "-fused-modules" else fused)
         for layer in fused_lora:
             layer.__class__ = LoraLinear if variant == "-fused-lora" else FusedLoraLinear
-        config._attn_implementation = "sdpa" if variant == "-packed-attention" else PACKED_SDPA
+        config._attn_implementation = "sdpa" if variant == "-packed-attention" else attention.PACKED_SDPA
+        attention.GPU_ROW_AT_ONCE_MAX_LEN = 0 if variant == "-row-at-once" else row_at_once_max_len
         set_lora_dropout(model, torch.nn.Dropout if variant == "-bits-dropout" else BitsDropout)
         if residual_hook is not None:
             residual_hook.remove()

@@ -124,6 +124,69 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch, ops_path):
     model.config._attn_implementation = "sdpa"
 
 
+def test_block_causal_mask_of_a_packed_row():
+    from llama_sft.attention import forward_block_causal_mask
+
+    mask = forward_block_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]))
+    assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
+
+
+def test_a_row_attends_at_once_only_off_the_cpu_and_up_to_its_length_limit():
+    from llama_sft.attention import GPU_ROW_AT_ONCE_MAX_LEN, attends_row_at_once
+
+    assert not attends_row_at_once(torch.device("cpu"), 100)
+    assert attends_row_at_once(torch.device("cuda"), GPU_ROW_AT_ONCE_MAX_LEN)
+    assert not attends_row_at_once(torch.device("cuda"), GPU_ROW_AT_ONCE_MAX_LEN + 1)
+
+
+def test_row_at_once_equals_record_by_record_forward_and_backward(model, monkeypatch):
+    """The GPU's path (one masked sdpa call per layer), run here on the CPU: the same logits and
+    the same gradients as record by record, with one sdpa call per layer given the row's mask."""
+    import llama_sft.attention as attention
+
+    records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=5)
+    batch = PackingCollator()(records)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    model.config._attn_implementation = PACKED_SDPA
+    monkeypatch.setenv("LLAMA_SFT_CPU_KERNELS", "0")
+    attention.cpu_kernels.kernels.cache_clear()
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs).logits
+        (logits.float() ** 2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with torch.enable_grad():
+        by_record, by_record_grads = logits_and_grads()
+        masks = []
+        real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def counting_sdpa(query, key, value, attn_mask=None, **kwargs):
+            masks.append(attn_mask)
+            return real_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+        monkeypatch.setattr(attention, "attends_row_at_once", lambda device, n: True)
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+        at_once, at_once_grads = logits_and_grads()
+    model.zero_grad(set_to_none=True)
+    model.config._attn_implementation = "sdpa"
+    attention.cpu_kernels.kernels.cache_clear()
+    assert len(masks) == model.config.num_hidden_layers
+    assert all(m is masks[0] and m.shape == (1, 1, 58, 58) for m in masks)
+    assert not masks[0][0, 0, 17, 16] and masks[0][0, 0, 17, 17]  # the second record starts anew
+    assert torch.allclose(at_once, by_record, atol=1e-5, rtol=0)
+    for name, grad in by_record_grads.items():
+        assert torch.allclose(at_once_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
 def per_record_sdpa(q, k, v, lengths):
     pieces = [
         torch.nn.functional.scaled_dot_product_attention(

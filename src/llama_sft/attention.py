@@ -1,18 +1,24 @@
-"""Attention for packed rows: each record attends within itself, at the cost of its own length.
+"""Attention for packed rows: each record attends within itself.
 
 Contract: ``PACKED_SDPA`` names an attention implementation registered with transformers'
 ``AttentionInterface`` and ``AttentionMaskInterface`` (their public registration API). Loaded
 with ``attn_implementation=PACKED_SDPA``, a model given a packed row (batch 1, ``position_ids``
 restarting at 0 at each record, no ``attention_mask``, see ``packing.py``) runs causal
-scaled-dot-product attention record by record, so the cost is the sum of the squared record
-lengths instead of the square of their sum, and no (n, n) mask is built. Its outputs equal those
-of ``sdpa`` with transformers' block-diagonal mask. On a CPU, where ``cpu_kernels`` takes the
-tensors, there is no attention dropout and no record is longer than ``CPU_KERNEL_MAX_LEN``, one
-kernel call runs every record of the row (``PackedCausalAttention``; forward and backward within
-float32 rounding of sdpa's); otherwise one sdpa call per record. Anything else (a padding mask,
-several rows, a cache during generation) goes to transformers' own ``sdpa`` path unchanged;
-several rows whose ``position_ids`` restart mid-row are not supported (``packing.py`` never makes
-them).
+scaled-dot-product attention within each record; its outputs equal those of ``sdpa`` with
+transformers' block-diagonal mask. How, by device:
+
+- on a CPU, record by record, so the cost is the sum of the squared record lengths instead of the
+  square of their sum and no (n, n) mask is built: where ``cpu_kernels`` takes the tensors, there
+  is no attention dropout and no record is longer than ``CPU_KERNEL_MAX_LEN``, one kernel call
+  runs every record of the row (``PackedCausalAttention``; forward and backward within float32
+  rounding of sdpa's), otherwise one sdpa call per record;
+- on a GPU, where a step is bound by kernel launches rather than arithmetic, a row of at most
+  ``GPU_ROW_AT_ONCE_MAX_LEN`` tokens in one sdpa call with a block-diagonal causal mask built
+  once per forward (``attends_row_at_once``); a longer row one sdpa call per record.
+
+Anything else (a padding mask, several rows, a cache during generation) goes to transformers' own
+``sdpa`` path unchanged; several rows whose ``position_ids`` restart mid-row are not supported
+(``packing.py`` never makes them).
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ def packed_sdpa_forward(
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
+    if packed and attends_row_at_once(query.device, query.shape[2]):
+        mask = forward_block_causal_mask(position_ids)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     bounds = forward_record_starts(position_ids) if packed else []
     if not bounds or bounds[0] != 0:
         return sdpa_attention_forward(
@@ -116,6 +127,35 @@ def forward_record_starts(position_ids: torch.Tensor) -> list[int]:
     if _last_starts is None or _last_starts[0] is not position_ids:
         _last_starts = (position_ids, record_starts(position_ids))
     return _last_starts[1]
+
+
+# On a GPU a training step is bound by kernel launches (session 6, H200, a 1B model, 8 records of
+# ~160 tokens: 54 ms of GPU time in a 137 ms step); one masked sdpa call for the row took the step
+# to 115 ms against 137 for one call per record (bench/results/gpu_h200_s6_ablation.json,
+# "-packed-attention"). The masked call computes the whole (n, n) product: past this length the
+# arithmetic it wastes (estimated, not measured: ~14 n^2 hidden FLOPs a layer, about 0.5 ms at
+# n = 2,048 and hidden 2,048) outgrows the launches it saves (~0.17 ms a record and layer).
+GPU_ROW_AT_ONCE_MAX_LEN = 2048
+
+
+def attends_row_at_once(device: torch.device, row_length: int) -> bool:
+    """Whether a packed row runs in one masked sdpa call instead of one call per record."""
+    return device.type != "cpu" and row_length <= GPU_ROW_AT_ONCE_MAX_LEN
+
+
+# The block-diagonal mask of the last packed row seen: built once per forward, as the starts are.
+_last_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def forward_block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(1, 1, n, n) booleans for a packed row: True where a position may attend to another, i.e.
+    to itself and to earlier positions of its own record."""
+    global _last_mask
+    if _last_mask is None or _last_mask[0] is not position_ids:
+        record = (position_ids[0] == 0).cumsum(0)
+        mask = torch.tril(record[:, None] == record[None, :])[None, None]
+        _last_mask = (position_ids, mask)
+    return _last_mask[1]
 
 
 # On a CPU, PyTorch's math kernel runs forward and backward faster than its flash kernel for short
