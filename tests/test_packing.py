@@ -127,9 +127,11 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch, ops_path):
 def test_block_causal_mask_of_a_packed_row():
     from llama_sft.attention import forward_block_causal_mask
 
-    mask = forward_block_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]))
-    assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bool
-    assert mask[0, 0].int().tolist() == [
+    mask = forward_block_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]), torch.bfloat16)
+    assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bfloat16
+    assert mask.stride(-2) == 16  # rows aligned for the memory-efficient kernel
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+    assert (mask[0, 0] == 0).int().tolist() == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0],
@@ -181,7 +183,7 @@ def test_row_at_once_equals_record_by_record_forward_and_backward(model, monkeyp
     attention.cpu_kernels.kernels.cache_clear()
     assert len(masks) == model.config.num_hidden_layers
     assert all(m is masks[0] and m.shape == (1, 1, 58, 58) for m in masks)
-    assert not masks[0][0, 0, 17, 16] and masks[0][0, 0, 17, 17]  # the second record starts anew
+    assert masks[0][0, 0, 17, 16] == float("-inf") and masks[0][0, 0, 17, 17] == 0  # a new record
     assert torch.allclose(at_once, by_record, atol=1e-5, rtol=0)
     for name, grad in by_record_grads.items():
         assert torch.allclose(at_once_grads[name], grad, atol=1e-5, rtol=1e-4), name

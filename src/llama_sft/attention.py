@@ -55,7 +55,7 @@ def packed_sdpa_forward(
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
     if packed and attends_row_at_once(query.device, query.shape[2]):
-        mask = forward_block_causal_mask(position_ids)
+        mask = forward_block_causal_mask(position_ids, query.dtype)
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -146,15 +146,24 @@ def attends_row_at_once(device: torch.device, row_length: int) -> bool:
 # The block-diagonal mask of the last packed row seen: built once per forward, as the starts are.
 _last_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
+# The mask is additive, in the queries' dtype, with rows a multiple of 16 elements apart: what
+# PyTorch's memory-efficient kernel (the GPU kernel that takes a mask) reads; a boolean mask would
+# be converted, and an unaligned one padded, in every layer's call.
+MASK_ROW_ALIGN = 16
 
-def forward_block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(1, 1, n, n) booleans for a packed row: True where a position may attend to another, i.e.
-    to itself and to earlier positions of its own record."""
+
+def forward_block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, n, n) additive mask for a packed row: 0 where a position may attend to another, i.e.
+    to itself and to earlier positions of its own record, -inf elsewhere."""
     global _last_mask
-    if _last_mask is None or _last_mask[0] is not position_ids:
+    if _last_mask is None or _last_mask[0] is not position_ids or _last_mask[1].dtype != dtype:
         record = (position_ids[0] == 0).cumsum(0)
-        mask = torch.tril(record[:, None] == record[None, :])[None, None]
-        _last_mask = (position_ids, mask)
+        n = record.shape[0]
+        allowed = torch.tril(record[:, None] == record[None, :])
+        width = -(-n // MASK_ROW_ALIGN) * MASK_ROW_ALIGN
+        mask = torch.full((n, width), float("-inf"), dtype=dtype, device=position_ids.device)
+        mask[:, :n].masked_fill_(allowed, 0.0)
+        _last_mask = (position_ids, mask[None, None, :, :n])
     return _last_mask[1]
 
 
