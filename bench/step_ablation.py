@@ -7,8 +7,9 @@ CPU path, then with one of its changes undone, the variants interleaved and repe
 every one sees the same machine, and reports the median time and tokens/s of each:
 
     all                 the default path: packed row, record-by-record attention (one CPU
-                        kernel call per layer; on a GPU one masked sdpa call), BitsDropout, labelled-only lm_head fused with
-                        the loss and both gradients in the forward, bfloat16 residual stream,
+                        kernel call per layer; on a GPU one masked sdpa call), BitsDropout,
+                        labelled-only lm_head fused with the loss and both gradients in the
+                        forward, bfloat16 residual stream,
                         our autocast, fused norms and MLPs, lm_head's weight cast into a kept
                         buffer, the head's logits and the vocabulary gradients in kept memory
                         (CPU), the model's own lm_head call on no positions outside autocast,

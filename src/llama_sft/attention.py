@@ -116,25 +116,33 @@ class PackedCausalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# The position_ids of the last packed row seen and their record starts. Every layer of a forward is
-# given the same position_ids tensor; reading the starts back from a GPU waits for the GPU to finish
-# its queue, so it is done once per forward, not once per layer.
-_last_starts: tuple[torch.Tensor, list[int]] | None = None
+# What is derived from the position_ids of the packed row being run, by name: every layer of a
+# forward is given the same position_ids tensor, so each is made once per forward, not once per
+# layer (reading the record starts back from a GPU waits for the GPU to finish its queue).
+_this_row: tuple[torch.Tensor, dict] | None = None
+
+
+def _once_per_row(position_ids: torch.Tensor, key, make):
+    global _this_row
+    if _this_row is None or _this_row[0] is not position_ids:
+        _this_row = (position_ids, {})
+    derived = _this_row[1]
+    if key not in derived:
+        derived[key] = make()
+    return derived[key]
 
 
 def forward_record_starts(position_ids: torch.Tensor) -> list[int]:
-    global _last_starts
-    if _last_starts is None or _last_starts[0] is not position_ids:
-        _last_starts = (position_ids, record_starts(position_ids))
-    return _last_starts[1]
+    return _once_per_row(position_ids, "starts", lambda: record_starts(position_ids))
 
 
 # On a GPU a training step is bound by kernel launches (session 6, H200, a 1B model, 8 records of
 # ~160 tokens: 54 ms of GPU time in a 137 ms step); one masked sdpa call for the row took the step
 # to 115 ms against 137 for one call per record (bench/results/gpu_h200_s6_ablation.json,
-# "-packed-attention", with cuDNN's attention still on and its graphs built). The masked call computes the whole (n, n) product: past this length the
-# arithmetic it wastes (estimated, not measured: ~14 n^2 hidden FLOPs a layer, about 0.5 ms at
-# n = 2,048 and hidden 2,048) outgrows the launches it saves (~0.17 ms a record and layer).
+# "-packed-attention", with cuDNN's attention still on and its graphs built). The masked call
+# computes the whole (n, n) product: past this length the arithmetic it wastes (estimated, not
+# measured: ~14 n^2 hidden FLOPs a layer, about 0.5 ms at n = 2,048 and hidden 2,048) outgrows the
+# launches it saves (~0.17 ms a record and layer).
 GPU_ROW_AT_ONCE_MAX_LEN = 2048
 
 
@@ -142,9 +150,6 @@ def attends_row_at_once(device: torch.device, row_length: int) -> bool:
     """Whether a packed row runs in one masked sdpa call instead of one call per record."""
     return device.type != "cpu" and row_length <= GPU_ROW_AT_ONCE_MAX_LEN
 
-
-# The block-diagonal mask of the last packed row seen: built once per forward, as the starts are.
-_last_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
 # The mask is additive, in the queries' dtype, with rows a multiple of 16 elements apart: what
 # PyTorch's memory-efficient kernel (the GPU kernel that takes a mask) reads; a boolean mask would
@@ -154,17 +159,18 @@ MASK_ROW_ALIGN = 16
 
 def forward_block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, n, n) additive mask for a packed row: 0 where a position may attend to another, i.e.
-    to itself and to earlier positions of its own record, -inf elsewhere."""
-    global _last_mask
-    if _last_mask is None or _last_mask[0] is not position_ids or _last_mask[1].dtype != dtype:
+    to itself and to earlier positions of its own record, -inf elsewhere. Made once per forward."""
+
+    def make() -> torch.Tensor:
         record = (position_ids[0] == 0).cumsum(0)
         n = record.shape[0]
         allowed = torch.tril(record[:, None] == record[None, :])
         width = -(-n // MASK_ROW_ALIGN) * MASK_ROW_ALIGN
         mask = torch.full((n, width), float("-inf"), dtype=dtype, device=position_ids.device)
         mask[:, :n].masked_fill_(allowed, 0.0)
-        _last_mask = (position_ids, mask[None, None, :, :n])
-    return _last_mask[1]
+        return mask[None, None, :, :n]
+
+    return _once_per_row(position_ids, ("mask", dtype), make)
 
 
 # On a CPU, PyTorch's math kernel runs forward and backward faster than its flash kernel for short
