@@ -24,8 +24,10 @@ from llama_sft.templates import load_template
 from llama_sft.tokenizer import TextTokenizer
 
 parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--steps", type=int, default=300)
-parser.add_argument("--root", default="/tmp/llama-sft-gpu-smoke")
+parser.add_argument("--steps", type=int, default=300, help="Training steps of the demo run.")
+parser.add_argument(
+    "--root", default="/tmp/llama-sft-gpu-smoke", help="Scratch folder for the demo data and run."
+)
 args = parser.parse_args()
 
 root = Path(args.root)

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=8, help="Records in the micro-batch.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Comma list of variants to time.")
     p.add_argument("--profile", type=int, default=0, help="Print this many top ops of one profiled step.")
-    p.add_argument("--out", default=str(train_bench.HERE / "results" / "ablation.json"))
+    p.add_argument("--out", default=str(train_bench.HERE / "results" / "ablation.json"), help="Results JSON.")
     return p.parse_known_args(argv)
 
 

@@ -55,16 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Small model, few steps: finishes in < 3 minutes.")
     p.add_argument("--data", default=str(SHARED / "data" / "alpaca_zh_demo.json"), help="Alpaca JSON file.")
-    p.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "chinese-llama-2"))
+    p.add_argument(
+        "--tokenizer", default=str(SHARED / "tokenizers" / "chinese-llama-2"), help="Tokenizer folder."
+    )
     p.add_argument("--train-records", type=int, default=960, help="Records 0..N-1 train.")
     p.add_argument("--eval-records", type=int, default=40, help="The next N records are the eval set.")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512, help="Hidden size of the in-process LLaMA.")
+    p.add_argument("--intermediate", type=int, default=1376, help="MLP intermediate size.")
+    p.add_argument("--layers", type=int, default=8, help="Decoder layers.")
+    p.add_argument("--heads", type=int, default=8, help="Attention heads (as many key/value heads).")
     p.add_argument("--steps", type=int, default=30, help="Optimizer steps of --global-batch records.")
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument(
+        "--global-batch", type=int, default=8, help="Records in every optimizer step, for every run."
+    )
+    p.add_argument("--max-seq-length", type=int, default=512, help="Tokens kept of each record.")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of the llama-sft run (default: bfloat16 where the CPU supports it)")  # fmt: skip
     p.add_argument("--runs", default=",".join(RUNS), help="Comma list of runs to do, in order.")
@@ -72,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="Do the list of runs this many times, round-robin, and report for each run the "
                    "repeat with the median tokens/s (a shared machine's speed drifts by 15-30%% in minutes)")  # fmt: skip
-    p.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    p.add_argument(
+        "--out", default=str(HERE / "results" / "latest.json"), help="Results JSON (a PNG chart beside it)."
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -56,12 +56,18 @@ def str2bool(text: str) -> bool:
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 400
-    do_sample: bool = True
-    temperature: float = 0.2
-    top_k: int = 40
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
+    """How answers are generated; each field is also a `llama-sft chat` option of the same name."""
+
+    max_new_tokens: int = field(default=400, metadata={"help": "Most tokens generated per answer."})
+    do_sample: bool = field(
+        default=True, metadata={"help": "true: sample (default); false: greedy decoding."}
+    )
+    temperature: float = field(default=0.2, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=40, metadata={"help": "Sample from the k most likely tokens."})
+    top_p: float = field(
+        default=0.9, metadata={"help": "Sample from the smallest set with this probability mass."}
+    )
+    repetition_penalty: float = field(default=1.1, metadata={"help": "Above 1 discourages repeating tokens."})
 
     def generate_kwargs(self) -> dict:
         kwargs = {
@@ -411,12 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--system_prompt", default=None, help="Replace the template's system prompt (llama2-chat).")
     add("--data_file", default=None, help="Batch mode: one instruction a line, or an Alpaca JSON/JSONL file.")
     add("--predictions_file", default="predictions.json", help="Batch mode: where the JSON answers go.")
-    add("--max_new_tokens", type=int, default=400, help="Most tokens generated per answer.")
-    add("--do_sample", type=str2bool, default=True, help="true: sample (default); false: greedy decoding.")
-    add("--temperature", type=float, default=0.2, help="Sampling temperature.")
-    add("--top_k", type=int, default=40, help="Sample from the k most likely tokens.")
-    add("--top_p", type=float, default=0.9, help="Sample from the smallest set with this probability mass.")
-    add("--repetition_penalty", type=float, default=1.1, help="Above 1 discourages repeating tokens.")
+    for option in fields(GenerationSettings):
+        kind = type(option.default)
+        add(
+            f"--{option.name}",
+            type=str2bool if kind is bool else kind,
+            default=option.default,
+            help=option.metadata["help"],
+        )
     add("--max_context", type=int, default=None, help="Context length in tokens. Default: the model's.")
     add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
     add(
@@ -433,12 +441,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+        **{option.name: vars(args)[option.name] for option in fields(GenerationSettings)}
     )
     try:
         if not Path(args.base_model).is_dir():
