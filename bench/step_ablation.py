@@ -95,19 +95,24 @@ def main(argv: list[str] | None = None) -> None:
     from peft.tuners.lora import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from llama_sft import attention, cpu_kernels
-    from llama_sft.args import LoraArguments
-    from llama_sft.collate import Collator
-    from llama_sft.dropout import BitsDropout, set_lora_dropout
-    from llama_sft.encode import IGNORE_INDEX, encode_records
-    from llama_sft.fused_modules import LLAMA_MLPS, LLAMA_RMS_NORMS, FusedLoraLinear, use_fused_modules
-    from llama_sft.kept_gradients import EmbeddingWithKeptGradient, HeadMemory, keep_embedding_gradients
-    from llama_sft.model import attach_lora, keep_residual_in_base_dtype
-    from llama_sft.packing import PackingCollator
-    from llama_sft.records import load_records
-    from llama_sft.templates import load_template
-    from llama_sft.tokenizer import TextTokenizer
-    from llama_sft.trainer import (
+    from llama_sft.speedups import attention, cpu_kernels
+    from llama_sft.data.collate import Collator
+    from llama_sft.data.encode import IGNORE_INDEX, encode_records
+    from llama_sft.data.packing import PackingCollator
+    from llama_sft.data.records import load_records
+    from llama_sft.data.templates import load_template
+    from llama_sft.data.tokenizer import TextTokenizer
+    from llama_sft.speedups.dropout import BitsDropout, set_lora_dropout
+    from llama_sft.speedups.fused_modules import (
+        LLAMA_MLPS,
+        LLAMA_RMS_NORMS,
+        FusedLoraLinear,
+        use_fused_modules,
+    )
+    from llama_sft.speedups.kept_memory import EmbeddingWithKeptGradient, HeadMemory, keep_embedding_gradients
+    from llama_sft.training.args import LoraArguments
+    from llama_sft.training.model import attach_lora, keep_residual_in_base_dtype
+    from llama_sft.training.trainer import (
         ComputeDtypeCopy,
         HeadSkippingEmptyInput,
         LabelledCrossEntropy,

@@ -18,8 +18,8 @@ if "LLAMA_SFT_KERNEL_DIR" not in os.environ:
     os.environ["LLAMA_SFT_KERNEL_DIR"] = tempfile.mkdtemp(prefix="llama-sft-kernels-")
     atexit.register(shutil.rmtree, os.environ["LLAMA_SFT_KERNEL_DIR"], True)
 
-from llama_sft.demo import demo_records, make_model, make_tokenizer  # noqa: E402
-from llama_sft.templates import load_template  # noqa: E402
+from llama_sft.data.templates import load_template  # noqa: E402
+from llama_sft.tools.demo import demo_records, make_model, make_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -54,7 +54,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.data.tokenizer import TextTokenizer
 
     return TextTokenizer.load(tokenizer_dir)
 
@@ -143,7 +143,7 @@ def train_argv(
 @pytest.fixture
 def built():
     """Skips a test of the fused CPU kernels themselves where they cannot be built."""
-    from llama_sft import cpu_kernels
+    from llama_sft.speedups import cpu_kernels
 
     if cpu_kernels.kernels() is None:
         pytest.skip("the CPU kernels cannot be built here (no C compiler?)")
@@ -152,7 +152,7 @@ def built():
 @pytest.fixture(params=["kernels", "torch"])
 def ops_path(request, monkeypatch):
     """Runs a test with the fused CPU kernels, then again with PyTorch's ops (no compiler)."""
-    from llama_sft import cpu_kernels
+    from llama_sft.speedups import cpu_kernels
 
     cpu_kernels.kernels.cache_clear()
     if request.param == "torch":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT
 
-from llama_sft.args import ArgumentError, parse_train_args
+from llama_sft.training.args import ArgumentError, parse_train_args
 
 DS_CONFIG = str(ROOT / "scripts" / "training" / "ds_zero2_no_offload.json")
 
@@ -90,8 +90,8 @@ def test_bf16_without_deepspeed_is_our_own_autocast():
     accelerate does not copy the logits to float32; with DeepSpeed the flags stay DeepSpeed's."""
     import torch
 
-    from llama_sft.train import cpu_supports_bf16, parse_for_this_machine
-    from llama_sft.trainer import SftTrainer
+    from llama_sft.training.run import cpu_supports_bf16, parse_for_this_machine
+    from llama_sft.training.trainer import SftTrainer
 
     base = ["--model_name_or_path", "M", "--output_dir", "O", "--dataset_dir", "D"]
     args = parse_for_this_machine(base + ["--fp16"])

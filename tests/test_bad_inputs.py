@@ -16,8 +16,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from llama_sft.cli import main
-from llama_sft.demo import make_model
-from llama_sft.train import train
+from llama_sft.tools.demo import make_model
+from llama_sft.training.run import train
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 
@@ -334,8 +334,8 @@ def test_debug_shows_the_traceback(tokenizer_dir, model_dir, tmp_path):
 
 
 def test_full_disk_is_refused_before_training(tmp_path):
-    from llama_sft.args import ArgumentError
-    from llama_sft.train import check_writable
+    from llama_sft.training.args import ArgumentError
+    from llama_sft.training.run import check_writable
 
     check_writable(tmp_path / "out", 1)
     with pytest.raises(ArgumentError, match=r"GiB free, but checkpoints of this run need about"):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from lora_helpers import peft_reference, write_lora
 
-from llama_sft.chat import Conversation, GenerationSettings, TextStream, generate_ids, read_instructions
-from llama_sft.chat import main as chat_main
 from llama_sft.cli import main as cli_main
-from llama_sft.demo import greedy_answer, make_model, make_tokenizer
-from llama_sft.merge import merge
-from llama_sft.templates import load_template
+from llama_sft.data.templates import load_template
+from llama_sft.tools.chat import Conversation, GenerationSettings, TextStream, generate_ids, read_instructions
+from llama_sft.tools.chat import main as chat_main
+from llama_sft.tools.demo import greedy_answer, make_model, make_tokenizer
+from llama_sft.tools.merge import merge
 
 # 400 steps (llama-sft demo) reach most held-out answers; fewer keep the test short yet learn some.
 
@@ -120,7 +120,7 @@ def test_interactive_streams_and_keeps_llama2_chat_history(tiny):
     assert "multi-turn" in shown and shown.count(">>> ") == 5 and "(history cleared)" in shown
 
     # The same conversation by hand: the streamed text is what greedy decoding of these prompts gives.
-    from llama_sft.chat import load_model
+    from llama_sft.tools.chat import load_model
 
     model = load_model(root / "base", root / "lora", torch.device("cpu"))
     settings = GenerationSettings(max_new_tokens=5, do_sample=False)

@@ -118,8 +118,8 @@ def test_unknown_flag_is_one_line(run_train, model_dir, tokenizer_dir, data_dir,
 
 
 def test_validation_split_is_deterministic(data_dir):
-    from llama_sft.records import load_dataset_dir
-    from llama_sft.train import split_records
+    from llama_sft.data.records import load_dataset_dir
+    from llama_sft.training.run import split_records
 
     records = load_dataset_dir(data_dir / "train")
     first = split_records(records, 0.25)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_sft.collate import Collator
+from llama_sft.data.collate import Collator
 
 
 def test_right_padding_literal_tensors():

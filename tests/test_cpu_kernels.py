@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from llama_sft import cpu_kernels
+from llama_sft.speedups import cpu_kernels
 
 MASK64 = 2**64 - 1
 

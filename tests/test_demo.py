@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llama_sft.cli import main
-from llama_sft.demo import demo_records, run_demo
+from llama_sft.tools.demo import demo_records, run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from llama_sft.args import LoraArguments
-from llama_sft.demo import make_model
-from llama_sft.dropout import BitsDropout
-from llama_sft.model import attach_lora
+from llama_sft.speedups.dropout import BitsDropout
+from llama_sft.tools.demo import make_model
+from llama_sft.training.args import LoraArguments
+from llama_sft.training.model import attach_lora
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

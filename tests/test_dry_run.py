@@ -5,10 +5,10 @@ import os
 
 import torch
 
-from llama_sft.args import parse_train_args
-from llama_sft.demo import build_demo
-from llama_sft.planner import build_meta_model, count_parameters, estimate_memory
-from llama_sft.train import train
+from llama_sft.tools.demo import build_demo
+from llama_sft.training.args import parse_train_args
+from llama_sft.training.planner import build_meta_model, count_parameters, estimate_memory
+from llama_sft.training.run import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEVEN = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llama_sft.encode import IGNORE_INDEX, encode_cached, encode_record, encode_records
-from llama_sft.records import Record
-from llama_sft.templates import load_template
+from llama_sft.data.encode import IGNORE_INDEX, encode_cached, encode_record, encode_records
+from llama_sft.data.records import Record
+from llama_sft.data.templates import load_template
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."

@@ -6,18 +6,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llama_sft.args import LoraArguments
-from llama_sft.collate import Collator
-from llama_sft.demo import make_model
-from llama_sft.kept_gradients import (
+from llama_sft.data.collate import Collator
+from llama_sft.data.packing import PackingCollator
+from llama_sft.speedups.kept_memory import (
     KEPT_ROWS_SLACK,
     EmbeddingWithKeptGradient,
     HeadMemory,
     keep_embedding_gradients,
 )
-from llama_sft.model import attach_lora, keep_residual_in_base_dtype
-from llama_sft.packing import PackingCollator
-from llama_sft.trainer import (
+from llama_sft.tools.demo import make_model
+from llama_sft.training.args import LoraArguments
+from llama_sft.training.model import attach_lora, keep_residual_in_base_dtype
+from llama_sft.training.trainer import (
     ComputeDtypeCopy,
     HeadSkippingEmptyInput,
     LabelledCrossEntropy,
@@ -75,8 +75,8 @@ def test_cross_entropy_and_gradient_match_torch(ops_path):
 def test_cross_entropy_in_one_gpu_sized_chunk_matches_torch(monkeypatch):
     # On a GPU the torch ops take every row of a 55,296-row vocabulary's step in one chunk.
     assert ce_chunk_rows("cuda", 55296) == 1213 and ce_chunk_rows("cpu", 55296) == 16
-    monkeypatch.setattr("llama_sft.trainer.cpu_kernels.takes_logits", lambda logits, grad: False)
-    monkeypatch.setattr("llama_sft.trainer.CE_CHUNK_ROWS", 1000)
+    monkeypatch.setattr("llama_sft.training.trainer.cpu_kernels.takes_logits", lambda logits, grad: False)
+    monkeypatch.setattr("llama_sft.training.trainer.CE_CHUNK_ROWS", 1000)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(300, 50, generator=g)
     targets = torch.randint(0, 50, (300,), generator=g)
@@ -218,8 +218,8 @@ def test_fused_head_evaluates_in_blocks_of_rows(monkeypatch):
     targets = torch.randint(0, 40, (70,), generator=g)
     targets[:9] = -100
     made = []
-    monkeypatch.setattr("llama_sft.trainer.EVAL_ROWS", 32)
-    monkeypatch.setattr("llama_sft.trainer.F.linear", lambda x, w: made.append(len(x)) or x @ w.t())
+    monkeypatch.setattr("llama_sft.training.trainer.EVAL_ROWS", 32)
+    monkeypatch.setattr("llama_sft.training.trainer.F.linear", lambda x, w: made.append(len(x)) or x @ w.t())
     # A trained weight still requires grad in evaluation; without grad mode no gradient is made.
     with torch.no_grad():
         loss = head_loss_sum(hidden, weight, targets)
@@ -238,7 +238,7 @@ def test_float32_head_trains_in_blocks_of_rows_with_the_loss_and_gradients_of_on
     """Every product in the weight's dtype: the rows go HEAD_BLOCK_ROWS at a time (here 32; rows
     32-63 all ignored), only a block of logits is held in kept memory, and the loss and both
     gradients are those of one product over every row. No labelled row gives a zero loss."""
-    monkeypatch.setattr("llama_sft.trainer.HEAD_BLOCK_ROWS", 32)
+    monkeypatch.setattr("llama_sft.training.trainer.HEAD_BLOCK_ROWS", 32)
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(70, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)
@@ -349,7 +349,7 @@ def test_fused_and_unfused_paths_give_the_same_loss_and_gradients(folder):
 
 
 def test_cpu_kernels_and_torch_ops_train_the_same(folder, monkeypatch):
-    from llama_sft import cpu_kernels
+    from llama_sft.speedups import cpu_kernels
 
     if cpu_kernels.kernels() is None:
         pytest.skip("the CPU kernels cannot be built here (no C compiler?)")

@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from llama_sft import cpu_kernels
-from llama_sft.dropout import use_bits_dropout
-from llama_sft.fused_modules import (
+from llama_sft.speedups import cpu_kernels
+from llama_sft.speedups.dropout import use_bits_dropout
+from llama_sft.speedups.fused_modules import (
     LLAMA_MLPS,
     LLAMA_RMS_NORMS,
     FusedLoraLinear,
@@ -296,7 +296,7 @@ def test_llama_attention_forward_is_the_one_mirrored(monkeypatch):
     different transformers), LlamaAttention keeps its own class."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig
 
-    import llama_sft.fused_modules as fused_modules
+    import llama_sft.speedups.fused_modules as fused_modules
 
     assert fused_modules.mirrors_llama_attention()
     config = LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)

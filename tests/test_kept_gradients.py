@@ -2,14 +2,14 @@ import os
 
 import torch
 
-from llama_sft.kept_gradients import (
+from llama_sft.speedups.kept_memory import (
     KEPT_ROWS_SLACK,
     EmbeddingWithKeptGradient,
     HeadMemory,
     KeptGradient,
     KeptRows,
 )
-from llama_sft.trainer import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
+from llama_sft.training.trainer import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

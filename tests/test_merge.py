@@ -15,8 +15,8 @@ from lora_helpers import load_model, logits, peft_reference, write_base, write_l
 from transformers import AutoModelForCausalLM
 
 from llama_sft.cli import main as cli_main
-from llama_sft.demo import make_tokenizer
-from llama_sft.merge import merge, meta_params, permute
+from llama_sft.tools.demo import make_tokenizer
+from llama_sft.tools.merge import merge, meta_params, permute
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -272,7 +272,7 @@ def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    import llama_sft.merge as merge_module
+    import llama_sft.tools.merge as merge_module
 
     calls = {"n": 0}
     real = merge_module.merged_tensor
@@ -295,7 +295,7 @@ def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys
-    from llama_sft.merge import merge
+    from llama_sft.tools.merge import merge
     import transformers, peft, safetensors.torch  # what merge may import lazily, loaded before measuring
 
     def status(field):

@@ -12,10 +12,10 @@ from lora_helpers import logits, peft_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_sft.cli import main as cli_main
-from llama_sft.demo import demo_records, make_model, make_tokenizer, write_alpaca
-from llama_sft.merge import merge
-from llama_sft.merge_tokenizer import HF_DIR, SP_DIR, SP_NAME, merge_tokenizers
-from llama_sft.tokenizer import TextTokenizer
+from llama_sft.data.tokenizer import TextTokenizer
+from llama_sft.tools.demo import demo_records, make_model, make_tokenizer, write_alpaca
+from llama_sft.tools.merge import merge
+from llama_sft.tools.merge_tokenizer import HF_DIR, SP_DIR, SP_NAME, merge_tokenizers
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 ENGLISH = [
@@ -105,7 +105,7 @@ def test_merge_generated_models_then_train(tmp_path, capsys):
     train_records, held = demo_records()
     write_alpaca(train_records[:32], root / "data" / "train.json")
     make_model(root / "base", len(tokenizer) - 1, hidden=32, layers=1, heads=2)
-    from llama_sft.train import train
+    from llama_sft.training.run import train
 
     lora = train(
         [

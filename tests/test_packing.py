@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from llama_sft.attention import PACKED_SDPA
-from llama_sft.collate import Collator
-from llama_sft.demo import make_model
-from llama_sft.packing import PackingCollator, record_starts, split_packed
+from llama_sft.data.collate import Collator
+from llama_sft.data.packing import PackingCollator, record_starts, split_packed
+from llama_sft.speedups.attention import PACKED_SDPA
+from llama_sft.tools.demo import make_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 97
@@ -84,7 +84,7 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch, ops_path):
     """The packed path is what runs, one causal attention per record (the CPU kernel: one call per
     layer over the row's record starts; without it: one sdpa call per record), and it agrees with
     sdpa's block-diagonal mask on a packed row, on plain rows and on padded rows."""
-    import llama_sft.attention as attention
+    import llama_sft.speedups.attention as attention
 
     records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=2)
     batch = PackingCollator()(records)
@@ -125,7 +125,7 @@ def test_packed_attention_runs_record_by_record(model, monkeypatch, ops_path):
 
 
 def test_block_causal_mask_of_a_packed_row():
-    from llama_sft.attention import forward_block_causal_mask
+    from llama_sft.speedups.attention import forward_block_causal_mask
 
     mask = forward_block_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]), torch.bfloat16)
     assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bfloat16
@@ -141,7 +141,7 @@ def test_block_causal_mask_of_a_packed_row():
 
 
 def test_a_row_attends_at_once_only_off_the_cpu_and_up_to_its_length_limit():
-    from llama_sft.attention import GPU_ROW_AT_ONCE_MAX_LEN, attends_row_at_once
+    from llama_sft.speedups.attention import GPU_ROW_AT_ONCE_MAX_LEN, attends_row_at_once
 
     assert not attends_row_at_once(torch.device("cpu"), 100)
     assert attends_row_at_once(torch.device("cuda"), GPU_ROW_AT_ONCE_MAX_LEN)
@@ -151,7 +151,7 @@ def test_a_row_attends_at_once_only_off_the_cpu_and_up_to_its_length_limit():
 def test_row_at_once_equals_record_by_record_forward_and_backward(model, monkeypatch):
     """The GPU's path (one masked sdpa call per layer), run here on the CPU: the same logits and
     the same gradients as record by record, with one sdpa call per layer given the row's mask."""
-    import llama_sft.attention as attention
+    import llama_sft.speedups.attention as attention
 
     records = examples([(17, 6), (9, 3), (30, 12), (2, 1)], seed=5)
     batch = PackingCollator()(records)
@@ -205,7 +205,7 @@ def test_packed_attention_kernel_equals_sdpa_forward_and_backward(dtype, heads, 
     """PackedCausalAttention against one sdpa per record, in float32: the output and the three
     gradients, for queries, keys and values laid out as transformers makes them ((1, n, heads,
     head_dim) transposed), with grouped key/value heads and records of 1 to 70 tokens."""
-    from llama_sft.attention import PackedCausalAttention
+    from llama_sft.speedups.attention import PackedCausalAttention
 
     lengths = [5, 1, 70, 17, 33]
     n = sum(lengths)
@@ -231,7 +231,7 @@ def test_packed_attention_kernel_equals_sdpa_forward_and_backward(dtype, heads, 
 def test_record_starts_are_read_once_per_forward(model, monkeypatch):
     """Reading the starts back from a GPU is a synchronisation: once per forward, not per layer,
     and a new row (even of the same length) gets its own."""
-    import llama_sft.attention as attention
+    import llama_sft.speedups.attention as attention
 
     calls = []
     monkeypatch.setattr(attention, "record_starts", lambda p: calls.append(1) or record_starts(p))
@@ -259,8 +259,8 @@ def test_packed_attention_with_grouped_kv_heads_and_a_long_record(ops_path, long
     block-diagonal mask."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import llama_sft.attention as attention
-    from llama_sft.attention import CPU_KERNEL_MAX_LEN, CPU_MATH_MAX_LEN
+    import llama_sft.speedups.attention as attention
+    from llama_sft.speedups.attention import CPU_KERNEL_MAX_LEN, CPU_MATH_MAX_LEN
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -7,8 +7,8 @@ import json
 from conftest import shared_path, train_argv, write_json
 from safetensors.torch import load_file
 
-from llama_sft.demo import make_model
-from llama_sft.train import train
+from llama_sft.tools.demo import make_model
+from llama_sft.training.run import train
 
 
 def test_tiny_model_with_55296_rows_trains_on_real_records(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llama_sft.records import DataError, Record, find_data_files, load_dataset_dir, load_records
+from llama_sft.data.records import DataError, Record, find_data_files, load_dataset_dir, load_records
 
 
 def test_json_and_jsonl_in_stable_order(data_dir):

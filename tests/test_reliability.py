@@ -14,14 +14,14 @@ import torch
 from conftest import train_argv
 from safetensors.torch import load_file
 
-from llama_sft.checkpoints import (
+from llama_sft.training.checkpoints import (
     SCALER_HALVINGS,
     FiniteGradCallback,
     TrainingStopped,
     checkpoints,
     last_complete_checkpoint,
 )
-from llama_sft.train import train
+from llama_sft.training.run import train
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ RUNNER = textwrap.dedent(
     """
     import json, os, signal, sys
     from transformers import TrainerCallback
-    from llama_sft.train import main
+    from llama_sft.training.run import main
 
     class Inject(TrainerCallback):
         # At one step: send this process a signal, or make the gradients NaN as a NaN loss would.

@@ -9,8 +9,8 @@ import pytest
 import sentencepiece as spm
 from conftest import corpus, shared_path
 
-from llama_sft.demo import make_tokenizer
-from llama_sft.tokenizer import TextTokenizer, TokenizerError
+from llama_sft.data.tokenizer import TextTokenizer, TokenizerError
+from llama_sft.tools.demo import make_tokenizer
 
 
 def test_ids_are_sentencepiece_ids(tokenizer, tokenizer_dir):

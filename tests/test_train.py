@@ -16,15 +16,20 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from llama_sft import cpu_kernels
-from llama_sft.args import LoraArguments
-from llama_sft.collate import Collator
-from llama_sft.demo import make_model
-from llama_sft.encode import encode_records
-from llama_sft.model import ModelError, attach_lora, drop_replaced_base_weights, replaced_base_modules
-from llama_sft.records import load_records
-from llama_sft.templates import load_template
-from llama_sft.train import train
+from llama_sft.data.collate import Collator
+from llama_sft.data.encode import encode_records
+from llama_sft.data.records import load_records
+from llama_sft.data.templates import load_template
+from llama_sft.speedups import cpu_kernels
+from llama_sft.tools.demo import make_model
+from llama_sft.training.args import LoraArguments
+from llama_sft.training.model import (
+    ModelError,
+    attach_lora,
+    drop_replaced_base_weights,
+    replaced_base_modules,
+)
+from llama_sft.training.run import train
 
 
 def digest(path) -> str:
@@ -230,7 +235,7 @@ def test_bin_base_bin_adapter_template_file_and_tensorboard(
 
 ALLOCATION_PROBE = """
 import os
-import llama_sft.train
+import llama_sft.training.run
 def huge_kib():
     try:
         with open("/proc/self/smaps_rollup") as f:
@@ -276,8 +281,8 @@ def test_train_sets_allocation_options_before_torch_allocates(preset):
 def test_freed_memory_goes_back_every_step_in_float32_every_eighth_under_bf16_unless_switched_off(
     model_dir, tokenizer_dir, data_dir, tmp_path, monkeypatch, return_freed, fp16
 ):
-    from llama_sft.train import cpu_supports_bf16
-    from llama_sft.trainer import TRIM_EVERY_STEPS, ReturnFreedMemory
+    from llama_sft.training.run import cpu_supports_bf16
+    from llama_sft.training.trainer import TRIM_EVERY_STEPS, ReturnFreedMemory
 
     intervals = []
     monkeypatch.setattr(

@@ -1,12 +1,14 @@
 """llama-sft: instruction fine-tuning of LLaMA-family models with LoRA.
 
-The data flow, one module a stage:
-    records.py   Alpaca JSON/JSONL files -> validated records
-    templates.py record -> prompt text (templates are JSON data in templates/)
-    tokenizer.py text -> token ids, identical to SentencePiece for SentencePiece models
-    encode.py    record -> input_ids + labels (the one place labels are masked), cached
-    collate.py   examples -> padded batch tensors
-    train.py     the training run, top to bottom
+One package per stage; imports run down this list, never up it:
+    data/       records -> prompt text -> token ids + labels -> batches (each stage's contract in
+                its module)
+    checks.py   model folders, adapters and vocabularies, checked the same way by every command
+    training/   the run, top to bottom: arguments, precision, model and LoRA, trainer, checkpoints
+    speedups/   what only makes training faster; the trainer reaches it through one call,
+                ``speedups.apply``, and runs the same without it
+    tools/      what reads a trained model: merge, merge-tokenizer, chat, demo
+    cli.py      the ``llama-sft`` subcommands
 """
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_train(argv: list[str]) -> None:
-    from .train import main
+    from .training.run import main
 
     main(argv)
 
@@ -19,7 +19,7 @@ def cmd_demo(argv: list[str]) -> None:
     parser.add_argument("--output_dir", default="demo_output", help="Where the demo writes everything.")
     parser.add_argument("--steps", type=int, default=400, help="Optimizer steps.")
     args = parser.parse_args(argv)
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     result = run_demo(args.output_dir, args.steps)
     if result["after"] <= result["before"]:
@@ -27,19 +27,19 @@ def cmd_demo(argv: list[str]) -> None:
 
 
 def cmd_merge(argv: list[str]) -> None:
-    from .merge import main
+    from .tools.merge import main
 
     main(argv)
 
 
 def cmd_merge_tokenizer(argv: list[str]) -> None:
-    from .merge_tokenizer import main
+    from .tools.merge_tokenizer import main
 
     main(argv)
 
 
 def cmd_chat(argv: list[str]) -> None:
-    from .chat import main
+    from .tools.chat import main
 
     main(argv)
 

@@ -33,8 +33,8 @@ from typing import TextIO
 
 import torch
 
-from .templates import TEMPLATE_FILE, Template, TemplateError, load_template
-from .tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from ..data.tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..data.packing import record_starts
 from . import cpu_kernels
-from .packing import record_starts
 
 PACKED_SDPA = "llama_sft_packed_sdpa"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from .saving import atomic_dir
-from .tokenizer import SP_MODEL
+from ..data.tokenizer import SP_MODEL
+from ..training.saving import atomic_dir
 
 SP_DIR = "merged_tokenizer_sp"
 HF_DIR = "merged_tokenizer_hf"

@@ -40,7 +40,14 @@ import transformers
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from . import cpu_kernels
+from ..data.collate import Collator
+from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
+from ..data.packing import PackingCollator
+from ..data.records import DataError, Record, find_data_files, load_records
+from ..data.templates import Template, TemplateError, load_template
+from ..data.tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
+from ..speedups import cpu_kernels
+from ..speedups.fused_modules import use_fused_modules
 from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
 from .checkpoints import (
     CheckpointCallback,
@@ -50,9 +57,6 @@ from .checkpoints import (
     last_complete_checkpoint,
     set_aside_old_checkpoints,
 )
-from .collate import Collator
-from .encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
-from .fused_modules import use_fused_modules
 from .model import (
     ModelError,
     attach_lora,
@@ -63,12 +67,8 @@ from .model import (
     load_base_model,
     read_adapter_config,
 )
-from .packing import PackingCollator
 from .planner import dry_run_report
-from .records import DataError, Record, find_data_files, load_records
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
-from .templates import Template, TemplateError, load_template
-from .tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
 from .trainer import DropReplacedBaseWeights, ReturnFreedMemory, SftTrainer
 
 logger = logging.getLogger("llama_sft")

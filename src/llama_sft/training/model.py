@@ -22,9 +22,9 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.utils import ModulesToSaveWrapper
 
+from ..speedups.attention import PACKED_SDPA
+from ..speedups.dropout import use_bits_dropout
 from .args import LoraArguments, ModelArguments
-from .attention import PACKED_SDPA
-from .dropout import use_bits_dropout
 
 logger = logging.getLogger(__name__)
 

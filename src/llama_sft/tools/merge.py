@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .saving import atomic_dir
-from .templates import TEMPLATE_FILE, TemplateError
-from .tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+from ..data.templates import TEMPLATE_FILE, TemplateError
+from ..data.tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+from ..training.saving import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from .encode import IGNORE_INDEX
+from ..data.encode import IGNORE_INDEX
 
 logger = logging.getLogger("llama_sft")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from .records import Record
-from .templates import Template, load_template
-from .tokenizer import TextTokenizer
+from ..data.records import Record
+from ..data.templates import Template, load_template
+from ..data.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def run_demo(root: str | Path = "demo_output", steps: int = 400) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .train import train
+    from ..training.run import train
 
     root = Path(root)
     start = time.time()

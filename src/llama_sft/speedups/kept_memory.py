@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import serving_module
+from ..training.model import serving_module
 
 # A grown buffer gets room for this many rows more than asked for, so that a run whose steps need
 # a few rows more each time does not allocate (and fault in) a new buffer at every step.

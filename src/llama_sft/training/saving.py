@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .templates import Template
-from .tokenizer import TextTokenizer
+from ..data.templates import Template
+from ..data.tokenizer import TextTokenizer
 
 LORA_DIR = "sft_lora_model"
 ARGS_FILE = "training_args.json"
