@@ -1,6 +1,7 @@
 """GPU smoke check of the documented command: the demo's data, tokenizer and model, trained under
 torchrun with --fp16 --torch_dtype float16 --gradient_checkpointing (what run_sft.sh passes), then the
-held-out exact match through PEFT. Prints one JSON line; writes it to $OUT/gpu_smoke.json if OUT is set.
+held-out exact match through PEFT and through `llama-sft chat` batch mode. Prints one JSON line and,
+if OUT is set, writes it to $OUT/DATE_MACHINE_smoke.json (named as bench/results/README.md says).
 
     python bench/gpu_smoke.py [--steps 300]
 """
@@ -19,9 +20,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from llama_sft.demo import build_demo, demo_train_argv, exact_match
-from llama_sft.templates import load_template
-from llama_sft.tokenizer import TextTokenizer
+from llama_sft.data.templates import load_template
+from llama_sft.data.tokenizer import TextTokenizer
+from llama_sft.tools.demo import build_demo, demo_train_argv, exact_match
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--steps", type=int, default=300, help="Training steps of the demo run.")
@@ -68,5 +69,9 @@ if run.returncode == 0:
     result["chat_exit_code"] = chat_run.returncode
 print(json.dumps(result, ensure_ascii=False))
 if os.environ.get("OUT"):
-    Path(os.environ["OUT"], "gpu_smoke.json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_bench
+
+    name = f"{time.strftime('%Y-%m-%d', time.gmtime())}_{train_bench.machine_slug()}_smoke.json"
+    Path(os.environ["OUT"], name).write_text(json.dumps(result, ensure_ascii=False, indent=1))
 sys.exit(run.returncode)

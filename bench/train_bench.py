@@ -14,7 +14,9 @@ original computes it) times tokens/s, divided by a GEMM rate measured here for t
     python bench/train_bench.py            # the default workload (~15 minutes on 2 cores)
     python bench/train_bench.py --quick    # a small model and few steps (< 3 minutes)
 
-Writes bench/results/latest.json (or --out) and a PNG bar chart beside it.
+Writes bench/results/DATE_MACHINE_MODE.json (or --out) and a PNG bar chart beside it: the UTC
+date, the machine as ``machine_slug()`` names it (e.g. xeon-amx, epyc-avx2, h200) and the mode
+(quick or full), so that runs on different machines and days sit side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import resource
 import subprocess
 import sys
@@ -70,15 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-seq-length", type=int, default=512, help="Tokens kept of each record.")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="dtype of the llama-sft run (default: bfloat16 where the CPU supports it)")  # fmt: skip
+                   help="dtype of the llama-sft run (default: bfloat16 on a GPU; on a CPU what llama-sft "
+                   "itself chooses there, bfloat16 only where bfloat16 products are fast)")  # fmt: skip
     p.add_argument("--runs", default=",".join(RUNS), help="Comma list of runs to do, in order.")
     p.add_argument("--trl-sweep", action="store_true", help="Also run every TRL setting in TRL_SETTINGS.")
     p.add_argument("--repeat", type=int, default=1,
                    help="Do the list of runs this many times, round-robin, and report for each run the "
                    "repeat with the median tokens/s (a shared machine's speed drifts by 15-30%% in minutes)")  # fmt: skip
-    p.add_argument(
-        "--out", default=str(HERE / "results" / "latest.json"), help="Results JSON (a PNG chart beside it)."
-    )
+    p.add_argument("--out", default=None,
+                   help="Results JSON, a PNG chart beside it (default: bench/results/DATE_MACHINE_MODE.json)")  # fmt: skip
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -93,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_workload(args: argparse.Namespace, scratch: Path) -> dict:
-    from llama_sft.demo import make_model, write_alpaca
-    from llama_sft.records import load_records
-    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.data.records import load_records
+    from llama_sft.data.tokenizer import TextTokenizer
+    from llama_sft.tools.demo import make_model, write_alpaca
 
     if Path(args.data).is_file() and Path(args.tokenizer).is_dir():
         records, tokenizer_dir, source = load_records(args.data), Path(args.tokenizer), "shared"
@@ -140,8 +144,8 @@ def generated_records(folder: Path, count: int = 1000) -> list:
     Alpaca ones (instructions of 5-40 words, responses of 10-300)."""
     import random
 
-    from llama_sft.demo import WORDS, build_demo
-    from llama_sft.records import Record
+    from llama_sft.data.records import Record
+    from llama_sft.tools.demo import WORDS, build_demo
 
     train, held = build_demo(folder)
     rng, words = random.Random(0), [w for pair in WORDS.items() for w in pair]
@@ -257,10 +261,10 @@ def eval_loss(model, w: dict) -> float:
     """Mean token cross-entropy over the eval records' responses: one record a forward, float32."""
     import torch
 
-    from llama_sft.encode import encode_records
-    from llama_sft.records import load_records
-    from llama_sft.templates import load_template
-    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.data.encode import encode_records
+    from llama_sft.data.records import load_records
+    from llama_sft.data.templates import load_template
+    from llama_sft.data.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer.load(w["tokenizer"])
     data, _ = encode_records(
@@ -290,9 +294,9 @@ def eval_loss(model, w: dict) -> float:
 def original_dataset(w: dict):
     import torch
 
-    from llama_sft.records import load_records
-    from llama_sft.templates import load_template
-    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.data.records import load_records
+    from llama_sft.data.templates import load_template
+    from llama_sft.data.tokenizer import TextTokenizer
 
     tokenizer, template = TextTokenizer.load(w["tokenizer"]), load_template("alpaca")
     examples = []
@@ -361,8 +365,8 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
     from transformers import AutoTokenizer, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from llama_sft.records import load_records
-    from llama_sft.templates import load_template
+    from llama_sft.data.records import load_records
+    from llama_sft.data.templates import load_template
 
     template = load_template("alpaca")
     rows = [
@@ -398,7 +402,7 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
 
 # ---------------------------------------------------------------------------------------------
 # Contender 3: llama-sft, through its own entry point (`llama-sft train`), default path: packed
-# rows, loss on labelled positions only, bfloat16 autocast where the CPU has it.
+# rows, loss on labelled positions only, in the dtype llama-sft chooses on this machine.
 
 
 def run_llama_sft(
@@ -406,7 +410,7 @@ def run_llama_sft(
 ) -> dict:
     # First, as `llama-sft train` imports it: it sets PyTorch's allocation options before anything
     # allocates a tensor.
-    from llama_sft.train import train  # isort: skip
+    from llama_sft.training.run import train  # isort: skip
 
     import torch
     from peft import PeftModel
@@ -442,7 +446,18 @@ def run_llama_sft(
     result = meter.result()
     base = LlamaForCausalLM.from_pretrained(w["model"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(lora_dir)).to("cuda" if on_gpu() else "cpu")
-    return {**result, "eval_loss": eval_loss(model, w), "dtype": dtype, "settings": settings}
+    used = trained_dtype(Path(lora_dir), dtype)
+    return {**result, "eval_loss": eval_loss(model, w), "dtype": used, "settings": settings}
+
+
+def trained_dtype(lora_dir: Path, asked: str) -> str:
+    """The dtype llama-sft's products ran in, from the arguments it saved with the LoRA: it may
+    decline the bfloat16 it was asked for, and MFU must divide by the rate of the dtype it used."""
+    try:
+        training = json.loads((lora_dir / "training_args.json").read_text())["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return asked
+    return "bfloat16" if training.get("bf16_autocast") or training.get("bf16") else "float32"
 
 
 def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
@@ -475,21 +490,104 @@ def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs and the machine's GEMM rate.
+# The machine: its name in results files, llama-sft's dtype there, FLOPs and the GEMM rate.
+
+# Words of a CPU's model name that say its family; the first one found names the machine.
+CPU_FAMILIES = ("xeon", "epyc", "core", "ryzen", "threadripper", "opteron", "pentium", "celeron",
+                "atom", "athlon", "graviton", "neoverse")  # fmt: skip
+# The strongest matrix feature first: flags of /proc/cpuinfo and the name each gives in a slug.
+MATRIX_FEATURES = {"amx_bf16": "amx", "avx512_bf16": "avx512bf16", "avx512f": "avx512", "avx2": "avx2"}
+# Flags worth recording beside a result: what decides the speed of its products.
+RECORDED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                  "amx_bf16", "amx_int8", "avx_vnni", "asimd", "sve", "bf16")  # fmt: skip
+BF16_MATRIX_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The model name and flags of the first processor in /proc/cpuinfo (elsewhere: what the
+    platform module says, and no flags)."""
+    name, flags = "", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return name or platform.processor() or platform.machine(), flags
+
+
+def slug(text: str) -> str:
+    """Lower case, trademarks dropped, runs of anything but letters and digits as one dash."""
+    text = re.sub(r"\((r|tm|c)\)", " ", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def machine_slug() -> str:
+    """A short name for this machine in results files: the GPU's model on a GPU (``h200``), else
+    the CPU's family word and its strongest matrix feature (``xeon-amx``, ``epyc-avx512bf16``,
+    ``epyc-avx2``). Speed depends on those features more than on the exact model."""
+    if on_gpu():
+        import torch
+
+        words = slug(torch.cuda.get_device_name(0)).split("-")
+        return "-".join(w for w in words if w not in ("nvidia", "amd", "geforce", "tesla")) or "gpu"
+    name, flags = cpu_info()
+    words = slug(name).split("-")
+    family = next((w for w in words if w in CPU_FAMILIES), None)
+    if family is None:  # an unknown model: its name without vendor and marketing words
+        skip = {"intel", "amd", "cpu", "processor", "core", "with", "radeon", "graphics"}
+        family = "-".join(w for w in words if w not in skip and not w.endswith("ghz"))[:24].strip("-")
+    feature = next((short for flag, short in MATRIX_FEATURES.items() if flag in flags), "")
+    return "-".join(part for part in (family or "cpu", feature) if part)
+
+
+def describe_machine() -> dict:
+    """What a results file records of the machine it ran on."""
+    import torch
+
+    name, flags = cpu_info()
+    return {
+        "name": machine_slug(),
+        "cpu": name,
+        "cpu_flags": [f for f in RECORDED_FLAGS if f in flags],
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu() else None,
+    }
+
+
+def default_out(args: argparse.Namespace, mode: str | None = None) -> Path:
+    """bench/results/DATE_MACHINE_MODE.json: today's UTC date, ``machine_slug()``, quick or full."""
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    return HERE / "results" / f"{date}_{machine_slug()}_{mode or ('quick' if args.quick else 'full')}.json"
+
+
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """Whether llama-sft trains under bfloat16 autocast on this CPU, and why: the trainer's own
+    decision, so the benchmark runs what `llama-sft train` would. oneDNN's own claim of bfloat16
+    support is not enough: it is also true where bfloat16 is emulated (on an Ice Lake class Xeon,
+    2.4x slower than float32)."""
+    try:
+        from llama_sft.training.precision import cpu_bf16_is_fast
+    except ImportError:  # an older llama-sft: the flags alone
+        found = sorted(cpu_info()[1] & BF16_MATRIX_FLAGS)
+        if found:
+            return True, f"native bfloat16 matrix instructions ({', '.join(found)})"
+        return False, "no native bfloat16 matrix instructions (avx512_bf16, amx_bf16) in /proc/cpuinfo"
+    return cpu_bf16_is_fast()
 
 
 def llama_sft_dtype(args: argparse.Namespace) -> str:
-    """llama-sft's dtype: --dtype, else bfloat16 on a GPU or where the CPU has bfloat16 matrix units."""
-    return args.dtype or ("bfloat16" if on_gpu() or cpu_has_bf16() else "float32")
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """llama-sft's dtype: --dtype, else bfloat16 on a GPU, else what llama-sft chooses on this CPU."""
+    if args.dtype:
+        return args.dtype
+    if on_gpu():
+        return "bfloat16"
+    return "bfloat16" if cpu_bf16_choice()[0] else "float32"
 
 
 def gemm_rate(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -548,9 +646,9 @@ def flops_per_token(model_dir: str, mean_context: float, r: int = 8) -> dict:
 
 def run_child(name: str, workload_file: Path, args: argparse.Namespace) -> dict:
     result_file = workload_file.with_name(f"result-{name}.json")
+    # The dtype is chosen once, here: a child choosing again could time a probe under load.
     cmd = [sys.executable, __file__, "--child", name, "--workload", str(workload_file)]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
+    cmd += ["--dtype", llama_sft_dtype(args)]
     started = time.time()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not result_file.is_file():
@@ -562,10 +660,10 @@ def run_child(name: str, workload_file: Path, args: argparse.Namespace) -> dict:
 
 
 def label_stats(w: dict) -> dict:
-    from llama_sft.encode import encode_records
-    from llama_sft.records import load_records
-    from llama_sft.templates import load_template
-    from llama_sft.tokenizer import TextTokenizer
+    from llama_sft.data.encode import encode_records
+    from llama_sft.data.records import load_records
+    from llama_sft.data.templates import load_template
+    from llama_sft.data.tokenizer import TextTokenizer
 
     data, _ = encode_records(
         load_records(w["train_json"]),
@@ -592,10 +690,10 @@ def best_gemm_rates(rates: dict, runs: list[dict]) -> dict:
 
 
 def add_flops(results: list[dict], w: dict, rates: dict, runs: list[dict]) -> None:
-    """MFU of each run against ``best_gemm_rates``. One measurement is not enough: on the 2-core
-    CPU, three in a row gave 854, 1,692 and 934 GFLOP/s in bfloat16 (session 8), and an MFU
-    divided by one of them moved by as much. ``mfu_at_run_rate`` keeps the figure against the rate
-    measured right after the run."""
+    """MFU of each run against ``best_gemm_rates`` for the dtype that run trained in. One
+    measurement is not enough: on a shared 2-core Xeon, three in a row gave 854, 1,692 and 934
+    GFLOP/s in bfloat16, and an MFU divided by one of them moved by as much. ``mfu_at_run_rate``
+    keeps the figure against the rate measured right after the run."""
     stats = label_stats(w)
     flops = flops_per_token(w["model"], stats["mean_context"])
     w["flops_per_token"] = flops["total"]
@@ -626,6 +724,20 @@ def median_run(repeats: list[dict]) -> dict:
         keys = ("tokens_per_s", "peak_rss_mb", "eval_loss")
         chosen["repeats"] = [{k: r[k] for k in keys} if "error" not in r else r for r in repeats]
     return chosen
+
+
+def without_local_paths(value, places: dict[str, str]):
+    """``value`` with every string that starts in one of ``places`` (folder: name) starting with
+    that name instead: a results file is shared, the folders of the machine it ran on are not."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v, places) for v in value]
+    if isinstance(value, str):
+        for folder in sorted(places, key=len, reverse=True):  # the innermost folder first
+            if len(folder) > 1 and (value == folder or value.startswith(folder + "/")):
+                return places[folder] + value[len(folder) :]
+    return value
 
 
 def print_ratios(results: list[dict]) -> None:
@@ -698,12 +810,14 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.workload).with_name(f"result-{args.child}.json").write_text(json.dumps(result))
         return
     names = [n for n in args.runs.split(",") if n]
-    if "llama-sft" in names and "llama-sft-fp32" in names and llama_sft_dtype(args) == "float32":
-        # Without bfloat16 matrix units llama-sft's default is float32: the same run twice.
-        names.remove("llama-sft-fp32")
-        print(
-            "llama-sft trains in float32 on this CPU (no bfloat16 matrix units): llama-sft-fp32 is the same run"
-        )
+    machine = describe_machine()
+    ours = llama_sft_dtype(args)
+    if not args.dtype and not on_gpu():
+        machine["llama_sft_dtype_reason"] = cpu_bf16_choice()[1]
+        print(f"llama-sft trains in {ours} on this CPU: {machine['llama_sft_dtype_reason']}")
+    if "llama-sft" in names and "llama-sft-fp32" in names and ours == "float32":
+        names.remove("llama-sft-fp32")  # the same run twice
+        print("llama-sft-fp32 left out: llama-sft itself runs in float32")
     if args.trl_sweep:
         names += list(TRL_SETTINGS)
     with tempfile.TemporaryDirectory(prefix="llama-sft-bench-") as tmp:
@@ -715,9 +829,9 @@ def main(argv: list[str] | None = None) -> None:
             f"workload: {w['source']} data, {w['train_records']} training records, vocab {w['vocab']}, "
             f"hidden {args.hidden} x {args.layers} layers, {w['steps']} steps x {w['global_batch']} records"
         )
-        # bfloat16 only where llama-sft trains in it: without bfloat16 matrix units it trains in
-        # float32, and there a bfloat16 product of 2048^3 takes a minute.
-        dtypes = sorted({"float32", llama_sft_dtype(args)})
+        # bfloat16 only where llama-sft trains in it: where bfloat16 is emulated, a bfloat16
+        # product of 2048^3 takes a minute.
+        dtypes = sorted({"float32", ours})
         rates = {d: gemm_rate(d) for d in dtypes}
         print("GEMM rate: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items()), flush=True)
         runs = [run_child(name, workload_file, args) for _ in range(args.repeat) for name in names]
@@ -725,12 +839,13 @@ def main(argv: list[str] | None = None) -> None:
         add_flops(results, w, rates, runs)
     print_table(results)
     print_ratios(results)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
+    places = {w["scratch"]: "$SCRATCH", str(SHARED): "$SHARED", str(ROOT): ".", str(Path.home()): "~"}
     w = {k: v for k, v in w.items() if k not in ("scratch", "train_json", "eval_json", "model")}
-    machine = {"cpus": os.cpu_count(), "gemm_gflops": {d: round(r, 1) for d, r in rates.items()}}
+    machine["gemm_gflops"] = {d: round(r, 1) for d, r in rates.items()}
     report = [{**r, "workload": w, "machine": machine, "quick": args.quick} for r in results]
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(without_local_paths(report, places), indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
