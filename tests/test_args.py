@@ -85,24 +85,44 @@ def test_deepspeed_config_that_is_not_json(tmp_path):
         parse_train_args(["--model_name_or_path", "M", "--deepspeed", str(bad)])
 
 
-def test_bf16_without_deepspeed_is_our_own_autocast():
-    """--bf16 (or --fp16 on a CPU with bf16 units) reaches the Trainer as our autocast, so
-    accelerate does not copy the logits to float32; with DeepSpeed the flags stay DeepSpeed's."""
-    import torch
-
-    from llama_sft.training.run import cpu_supports_bf16, parse_for_this_machine
-    from llama_sft.training.trainer import SftTrainer
+def test_fp16_on_a_cpu_becomes_bfloat16_only_where_bfloat16_is_native(monkeypatch):
+    """--fp16 on a CPU: bfloat16 (which the speed-ups then run as llama-sft's own autocast) where
+    the CPU multiplies in bfloat16 natively, float32 where it would be emulated; with DeepSpeed,
+    float32 always."""
+    from llama_sft.training import precision
+    from llama_sft.training.run import parse_for_this_machine
 
     base = ["--model_name_or_path", "M", "--output_dir", "O", "--dataset_dir", "D"]
-    args = parse_for_this_machine(base + ["--fp16"])
-    t = args.training
-    assert not t.fp16 and not t.bf16 and t.mixed_precision == "no"
-    assert t.bf16_autocast == cpu_supports_bf16()
-    with_ds = parse_for_this_machine(base + ["--bf16", "--deepspeed", DS_CONFIG]).training
-    assert not with_ds.bf16_autocast
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda native=native: (native, "test"))
+        t = parse_for_this_machine(base + ["--fp16", "--torch_dtype", "float16"])
+        assert not t.training.fp16 and t.training.bf16 == native
+        assert t.model.torch_dtype == ("bfloat16" if native else "float32")
+        with_ds = parse_for_this_machine(base + ["--fp16", "--deepspeed", DS_CONFIG]).training
+        assert not with_ds.fp16 and not with_ds.bf16
 
-    trainer = SftTrainer.__new__(SftTrainer)  # only the autocast choice is exercised
-    trainer.args, trainer.autocast_dtype = t, torch.bfloat16
-    with trainer.autocast_smart_context_manager():
-        out = torch.nn.Linear(4, 4)(torch.ones(2, 4))
-    assert out.dtype == torch.bfloat16
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch):
+    """An x86 CPU without avx512_bf16 or amx_bf16 emulates bfloat16 (oneDNN still says it
+    supports it): float32 there. Where there are no x86 flags, a timed probe decides."""
+    from llama_sft.training import precision
+
+    monkeypatch.delenv("LLAMA_SFT_CPU_BF16", raising=False)
+    cases = {
+        "avx2 avx512f avx512bw": False,
+        "avx2 avx512f avx512_bf16": True,
+        "avx2 avx512f amx_bf16 amx_tile": True,
+        "avx2 fma": False,
+    }
+    for flags, fast in cases.items():
+        precision.cpu_bf16_is_fast.cache_clear()
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: ("Test CPU", set(flags.split())))
+        assert precision.cpu_bf16_is_fast()[0] is fast, flags
+    precision.cpu_bf16_is_fast.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ("Test ARM", {"fp", "asimd", "bf16"}))
+    monkeypatch.setattr(precision, "_probe", lambda model, flags: (True, "probe"))
+    assert precision.cpu_bf16_is_fast() == (True, "probe")
+    monkeypatch.setenv("LLAMA_SFT_CPU_BF16", "0")
+    precision.cpu_bf16_is_fast.cache_clear()
+    assert precision.cpu_bf16_is_fast()[0] is False
+    precision.cpu_bf16_is_fast.cache_clear()

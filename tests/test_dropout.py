@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama_sft.speedups.dropout import BitsDropout
+from llama_sft.speedups.dropout import BitsDropout, use_bits_dropout
 from llama_sft.tools.demo import make_model
 from llama_sft.training.args import LoraArguments
 from llama_sft.training.model import attach_lora
@@ -36,10 +36,14 @@ def test_seeded_by_torch_and_identity_in_eval(ops_path):
 
 
 def test_lora_layers_get_it(tmp_path):
+    """attach_lora gives PEFT's own dropout; use_bits_dropout swaps each for BitsDropout."""
     from transformers import AutoModelForCausalLM
 
     make_model(tmp_path, 50, hidden=32, layers=1, heads=2, intermediate=64)
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     model = attach_lora(base, LoraArguments(trainable="q_proj,v_proj,down_proj", lora_dropout=0.05))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 3 and all(type(m) is torch.nn.Dropout and m.p == 0.05 for m in dropouts)
+    assert use_bits_dropout(model) == 3
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) == 3 and all(type(m) is BitsDropout and m.p == 0.05 for m in dropouts)

@@ -8,28 +8,30 @@ import torch
 
 from llama_sft.data.collate import Collator
 from llama_sft.data.packing import PackingCollator
-from llama_sft.speedups.kept_memory import (
-    KEPT_ROWS_SLACK,
-    EmbeddingWithKeptGradient,
-    HeadMemory,
-    keep_embedding_gradients,
-)
-from llama_sft.tools.demo import make_model
-from llama_sft.training.args import LoraArguments
-from llama_sft.training.model import attach_lora, keep_residual_in_base_dtype
-from llama_sft.training.trainer import (
+from llama_sft.speedups.autocast import OwnAutocast, keep_residual_in_base_dtype
+from llama_sft.speedups.fused_head import (
     ComputeDtypeCopy,
     HeadSkippingEmptyInput,
     LabelledCrossEntropy,
     LabelledHeadCrossEntropy,
-    ReturnFreedMemory,
-    SftTrainer,
+    LabelledLoss,
     ce_chunk_rows,
     cross_entropy_chunks,
     head_loss_sum,
     head_projection,
     labelled_loss_sum,
 )
+from llama_sft.speedups.kept_memory import (
+    KEPT_ROWS_SLACK,
+    EmbeddingWithKeptGradient,
+    HeadMemory,
+    keep_embedding_gradients,
+)
+from llama_sft.speedups.memory import ReturnFreedMemory
+from llama_sft.tools.demo import make_model
+from llama_sft.training.args import LoraArguments
+from llama_sft.training.model import attach_lora
+from llama_sft.training.trainer import SftTrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 97
@@ -75,8 +77,8 @@ def test_cross_entropy_and_gradient_match_torch(ops_path):
 def test_cross_entropy_in_one_gpu_sized_chunk_matches_torch(monkeypatch):
     # On a GPU the torch ops take every row of a 55,296-row vocabulary's step in one chunk.
     assert ce_chunk_rows("cuda", 55296) == 1213 and ce_chunk_rows("cpu", 55296) == 16
-    monkeypatch.setattr("llama_sft.training.trainer.cpu_kernels.takes_logits", lambda logits, grad: False)
-    monkeypatch.setattr("llama_sft.training.trainer.CE_CHUNK_ROWS", 1000)
+    monkeypatch.setattr("llama_sft.speedups.fused_head.cpu_kernels.takes_logits", lambda logits, grad: False)
+    monkeypatch.setattr("llama_sft.speedups.fused_head.CE_CHUNK_ROWS", 1000)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(300, 50, generator=g)
     targets = torch.randint(0, 50, (300,), generator=g)
@@ -132,7 +134,8 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path):
+@pytest.mark.parametrize("component", [False, True])
+def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path, component):
     """Micro-batches (or token-budget pieces) normalised by the global labelled count sum to the
     gradient of the mean loss over the whole batch, as one pass computes it."""
     records = examples([(20, 8), (11, 4), (33, 10), (6, 2), (15, 5)], seed=3)
@@ -142,7 +145,8 @@ def test_accumulated_pieces_give_the_global_batch_gradient(folder, tmp_path):
     expected = grads(reference_model)
 
     model = load(folder)
-    trainer = trainer_for(model, tmp_path, max_tokens_per_pass=40)
+    loss = LabelledLoss(head_projection(model)) if component else None  # else the model's own loss
+    trainer = trainer_for(model, tmp_path, max_tokens_per_pass=40, loss=loss)
     batch = PackingCollator()(records)
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     loss = trainer.training_step(model, batch, num_items)  # 85 tokens in pieces of at most 40
@@ -161,21 +165,24 @@ def test_trainer_keeps_vocabulary_gradients_in_the_same_memory_with_the_same_val
     results = {}
     for kept in (True, False):
         model = lora_model(folder)
-        trainer = trainer_for(model, tmp_path, max_tokens_per_pass=40, autocast_dtype=torch.bfloat16)
+        memory = HeadMemory() if kept else None
+        if kept:
+            keep_embedding_gradients(model, memory.logits)
+        loss = LabelledLoss(head_projection(model), torch.bfloat16, memory)
+        autocast = OwnAutocast(model, "cpu", torch.bfloat16)
+        trainer = trainer_for(model, tmp_path, max_tokens_per_pass=40, loss=loss, autocast=autocast)
         head = model.get_output_embeddings().modules_to_save["default"]
         embedding = model.get_input_embeddings().modules_to_save["default"]
-        assert type(head) is HeadSkippingEmptyInput and type(embedding) is EmbeddingWithKeptGradient
-        if not kept:
-            trainer.head_memory = None
-            embedding.__class__ = torch.nn.Embedding
+        assert type(head) is HeadSkippingEmptyInput
+        assert type(embedding) is (EmbeddingWithKeptGradient if kept else torch.nn.Embedding)
         results[kept] = []
         for batch in steps:
             num_items = int((batch["labels"][:, 1:] != -100).sum())
             trainer.training_step(model, batch, num_items)  # 70 tokens in pieces of at most 40
             results[kept].append(grads(model))
             if kept:  # the embedding's gradient in the logits' buffer, lent for the step
-                assert embedding.weight.grad.data_ptr() == trainer.head_memory.logits.buffer.data_ptr()
-                assert head.weight.grad.data_ptr() == trainer.head_memory.grad.buffer.data_ptr()
+                assert embedding.weight.grad.data_ptr() == memory.logits.buffer.data_ptr()
+                assert head.weight.grad.data_ptr() == memory.grad.buffer.data_ptr()
             model.zero_grad()
     for with_kept, without in zip(results[True], results[False], strict=True):
         assert with_kept.keys() == without.keys()
@@ -218,8 +225,10 @@ def test_fused_head_evaluates_in_blocks_of_rows(monkeypatch):
     targets = torch.randint(0, 40, (70,), generator=g)
     targets[:9] = -100
     made = []
-    monkeypatch.setattr("llama_sft.training.trainer.EVAL_ROWS", 32)
-    monkeypatch.setattr("llama_sft.training.trainer.F.linear", lambda x, w: made.append(len(x)) or x @ w.t())
+    monkeypatch.setattr("llama_sft.speedups.fused_head.EVAL_ROWS", 32)
+    monkeypatch.setattr(
+        "llama_sft.speedups.fused_head.F.linear", lambda x, w: made.append(len(x)) or x @ w.t()
+    )
     # A trained weight still requires grad in evaluation; without grad mode no gradient is made.
     with torch.no_grad():
         loss = head_loss_sum(hidden, weight, targets)
@@ -238,7 +247,7 @@ def test_float32_head_trains_in_blocks_of_rows_with_the_loss_and_gradients_of_on
     """Every product in the weight's dtype: the rows go HEAD_BLOCK_ROWS at a time (here 32; rows
     32-63 all ignored), only a block of logits is held in kept memory, and the loss and both
     gradients are those of one product over every row. No labelled row gives a zero loss."""
-    monkeypatch.setattr("llama_sft.training.trainer.HEAD_BLOCK_ROWS", 32)
+    monkeypatch.setattr("llama_sft.speedups.fused_head.HEAD_BLOCK_ROWS", 32)
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(70, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)

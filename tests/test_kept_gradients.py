@@ -2,6 +2,7 @@ import os
 
 import torch
 
+from llama_sft.speedups.fused_head import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
 from llama_sft.speedups.kept_memory import (
     KEPT_ROWS_SLACK,
     EmbeddingWithKeptGradient,
@@ -9,7 +10,6 @@ from llama_sft.speedups.kept_memory import (
     KeptGradient,
     KeptRows,
 )
-from llama_sft.training.trainer import ComputeDtypeCopy, HeadSkippingEmptyInput, head_loss_sum
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

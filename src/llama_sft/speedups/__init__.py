@@ -1,1 +1,239 @@
-"""Speed-ups of training."""
+"""Everything that only makes training faster or smaller, behind one entry point: ``apply``.
+
+Contract: ``apply(args, build_model)`` builds the model with ``build_model()`` and returns an
+``Applied``: the model, the trainer's loss component and autocast (None: transformers' own), the
+callbacks to add, and a report naming every speed-up applied and every one skipped with the
+reason, which it also logs as one block. ``--speedups off`` applies none: stock transformers and
+PEFT modules, attention and loss (packing is its own flag), the same losses and gradients within
+float32 rounding. ``--skip_speedups NAME,...`` leaves out single ones (``NAMES``); a combination
+that cannot work raises ``ArgumentError``. A run without this package (its call replaced by
+``build_model()``) is the same training, slower.
+
+Importing the package sets the process environment of ``environment.py``, so the training module
+imports it before PyTorch.
+"""
+
+# isort: off
+from . import environment
+
+environment.set_defaults()
+# isort: on
+
+import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
+from ..training.args import ArgumentError, TrainArgs  # noqa: E402
+
+logger = logging.getLogger("llama_sft")
+
+# name: what it does (the report's wording; docs/performance.md says why and what each saves)
+NAMES = {
+    "cpu_environment": "oneDNN kernel caches capped at 64 shapes, transparent huge pages",
+    "cpu_kernels": "fused C kernels for dropout bits, cross-entropy, RMSNorm, SwiGLU, rotary, attention",
+    "packed_attention": "each record of a packed row attends within itself, no (n, n) mask",
+    "no_cudnn_attention": "cuDNN's attention off (it builds a graph for every new length)",
+    "own_autocast": "llama-sft's bfloat16 autocast: no float32 copies of outputs or LoRA inputs",
+    "bf16_residual": "the trained embedding's output cast to the frozen weights' dtype",
+    "bits_dropout": "LoRA dropout masks from cheap random bits",
+    "fused_norm_mlp": "RMSNorm and SwiGLU as fused modules",
+    "fused_lora": "the LoRA update summed inside its second product",
+    "rotary_kernel": "the rotary embedding as one kernel pass per tensor",
+    "labelled_logits": "logits only where a label is kept, the loss gradient made in the forward",
+    "fused_head": "the output projection fused with the loss and both gradients",
+    "kept_memory": "logits and vocabulary-sized gradients in memory kept between steps",
+    "free_replaced_weights": "frozen base copies of modules_to_save freed",
+    "heap_trim": "freed heap pages returned to the system",
+}
+# A speed-up that cannot run without another.
+NEEDS = {"fused_head": "labelled_logits"}
+
+
+@dataclass
+class Applied:
+    model: torch.nn.Module
+    loss: Callable | None = None
+    autocast: Callable | None = None
+    callbacks: list = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)
+    compute_dtype: str = "float32"
+
+    def log(self) -> None:
+        lines = [f"  {name:22s} {state}" for name, state in self.report.items()]
+        logger.info("speed-ups:\n%s", "\n".join(lines))
+
+
+def chosen(args: TrainArgs) -> set[str]:
+    """The speed-ups asked for: every one under ``auto`` less ``--skip_speedups``, none under off."""
+    training = args.training
+    skipped = [name.strip() for name in (training.skip_speedups or "").split(",") if name.strip()]
+    unknown = [name for name in skipped if name not in NAMES]
+    if unknown:
+        raise ArgumentError(
+            f"--skip_speedups names {', '.join(unknown)}, which is not a speed-up; choose from {', '.join(NAMES)}"
+        )
+    if training.speedups == "off":
+        return set()
+    wanted = set(NAMES) - set(skipped)
+    for name, needed in NEEDS.items():
+        if name in wanted and needed not in wanted:
+            raise ArgumentError(
+                f"--skip_speedups {needed} without {name}: {name} needs {needed}; skip both, or neither"
+            )
+    return wanted
+
+
+def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applied:
+    wanted = chosen(args)
+    training = args.training
+    device = training.device
+    on_cpu = device.type == "cpu"
+    report: dict[str, str] = {}
+
+    def decide(name: str, ok: bool, why_not: str = "") -> bool:
+        if name not in wanted:
+            report[name] = "skipped: " + (
+                "--speedups off" if training.speedups == "off" else "--skip_speedups"
+            )
+            return False
+        report[name] = f"applied: {NAMES[name]}" if ok else f"skipped: {why_not}"
+        return ok
+
+    if decide("cpu_environment", on_cpu and bool(environment.applied), _environment_why_not(on_cpu)):
+        report["cpu_environment"] += (
+            " (" + ", ".join(f"{k}={v}" for k, v in environment.applied.items()) + ")"
+        )
+
+    # Before the model exists: what changes how it is built or what PyTorch does.
+    if decide("no_cudnn_attention", device.type == "cuda", "not on a CUDA GPU"):
+        # With records of new lengths every step, cuDNN's attention made training 5.8x slower on
+        # an H200; flash and memory-efficient attention take any length as it comes.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    from . import cpu_kernels
+
+    kernels = False
+    if "cpu_kernels" in wanted and on_cpu:
+        cpu_kernels.set_enabled(True)
+        with training.main_process_first(desc="CPU kernels"):
+            kernels = cpu_kernels.kernels() is not None
+    else:
+        cpu_kernels.set_enabled(False)
+    decide("cpu_kernels", kernels, "not on a CPU" if not on_cpu else "no C compiler or the build failed")
+    bf16 = training.bf16 and not training.deepspeed
+    if decide(
+        "own_autocast",
+        bf16,
+        "DeepSpeed runs the mixed precision" if training.bf16 else "not training in bfloat16",
+    ):
+        # accelerate's autocast is set from these at the Trainer's start; ours replaces it.
+        training.bf16, training.mixed_precision = False, "no"
+    autocast_dtype = torch.bfloat16 if bf16 and "own_autocast" in wanted else None
+
+    model = build_model()
+
+    from .attention import PACKED_SDPA
+
+    base = model.get_base_model()
+    attn = base.config._attn_implementation
+    if decide(
+        "packed_attention",
+        args.data.packing and attn == "sdpa",
+        "--packing False" if not args.data.packing else f"attention is {attn}, not sdpa",
+    ):
+        base.set_attn_implementation(PACKED_SDPA)
+    from .autocast import OwnAutocast, keep_residual_in_base_dtype
+
+    hook = keep_residual_in_base_dtype(model) if "bf16_residual" in wanted else None
+    decide("bf16_residual", hook is not None, "no trained embedding over frozen 16-bit weights")
+    from .dropout import use_bits_dropout
+
+    dropouts = use_bits_dropout(model) if "bits_dropout" in wanted and on_cpu else 0
+    decide("bits_dropout", dropouts > 0, "not on a CPU" if not on_cpu else "LoRA dropout is 0")
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from .fused_modules import mirrors_llama_attention, use_fused_modules
+
+    zero3 = is_deepspeed_zero3_enabled()
+    counts = use_fused_modules(
+        model,
+        norms_mlps="fused_norm_mlp" in wanted,
+        lora_linears="fused_lora" in wanted and not zero3,
+        rotary="rotary_kernel" in wanted,
+    )
+    decide("fused_norm_mlp", counts["norms"] + counts["mlps"] > 0, "no LLaMA-style RMSNorm or SwiGLU MLP")
+    decide(
+        "fused_lora",
+        counts["lora_linears"] > 0,
+        "ZeRO-3 gathers LoRA weights inside their own modules" if zero3 else "no LoRA Linear layer",
+    )
+    decide(
+        "rotary_kernel",
+        counts["attentions"] > 0,
+        "no LlamaAttention layer"
+        if mirrors_llama_attention()
+        else "the installed LlamaAttention.forward is not the mirrored one (transformers 5.24's)",
+    )
+
+    from .fused_head import LabelledLoss, head_projection
+    from .kept_memory import HeadMemory, keep_embedding_gradients
+
+    kept = None
+    if decide("kept_memory", on_cpu, "not on a CPU (the GPU's caching allocator reuses memory)"):
+        kept = HeadMemory()
+        keep_embedding_gradients(model, kept.logits)
+    loss = None
+    if decide("labelled_logits", True):
+        head = head_projection(model) if not zero3 else None
+        fused = decide(
+            "fused_head",
+            head is not None,
+            "ZeRO-3 shards the output weight"
+            if zero3
+            else "lm_head is not a plain Linear of a LLaMA-like model",
+        )
+        loss = LabelledLoss(head if fused else None, autocast_dtype, kept)
+    else:
+        decide("fused_head", False)
+
+    from .memory import DropReplacedBaseWeights, ReturnFreedMemory
+
+    callbacks = []
+    sharded = bool(training.deepspeed or training.fsdp)
+    replaced = bool(args.lora.modules_to_save_list) or bool(args.lora.peft_path)
+    if decide(
+        "free_replaced_weights",
+        replaced and not sharded,
+        "DeepSpeed or FSDP owns the weights" if sharded else "no modules_to_save",
+    ):
+        callbacks.append(DropReplacedBaseWeights())
+    trim = ReturnFreedMemory(under_bf16_autocast=training.bf16 or autocast_dtype is not None)
+    if decide(
+        "heap_trim",
+        on_cpu and training.return_freed_memory and trim.trim is not None,
+        "not on a CPU"
+        if not on_cpu
+        else ("--return_freed_memory False" if not training.return_freed_memory else "no malloc_trim"),
+    ):
+        callbacks.append(trim)
+    autocast = OwnAutocast(model, device.type, autocast_dtype) if autocast_dtype is not None else None
+    dtype = (
+        "bfloat16"
+        if autocast_dtype is not None or training.bf16
+        else "float16"
+        if training.fp16
+        else "float32"
+    )
+    applied = Applied(model, loss, autocast, callbacks, report, dtype)
+    applied.log()
+    return applied
+
+
+def _environment_why_not(on_cpu: bool) -> str:
+    if not on_cpu:
+        return "not on a CPU"
+    if environment.switched_off(__import__("sys").argv[1:]):
+        return "--speedups off on the command line"
+    return "every variable already set by the user"

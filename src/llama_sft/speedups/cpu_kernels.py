@@ -149,8 +149,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Switch the kernels on or off for this process (``--skip_speedups cpu_kernels``)."""
+    global _enabled
+    _enabled = on
+
+
 def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built or are switched off."""
+    return _library() if _enabled else None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (logged once) when they cannot be built or are switched off."""
     if os.environ.get("LLAMA_SFT_CPU_KERNELS", "1") == "0":
         return None
@@ -164,6 +178,9 @@ def kernels() -> ctypes.CDLL | None:
             error = exc
     logger.warning("CPU kernels unavailable (%s); using PyTorch's ops for dropout and the loss", error)
     return None
+
+
+kernels.cache_clear = _library.cache_clear  # a test or benchmark that changes the environment
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -256,24 +256,26 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def use_fused_modules(model: torch.nn.Module, lora_linears: bool = True) -> dict[str, int]:
+def use_fused_modules(
+    model: torch.nn.Module, norms_mlps: bool = True, lora_linears: bool = True, rotary: bool = True
+) -> dict[str, int]:
     """Put ``FusedRMSNorm`` and ``FusedSwiGLUMLP`` in place of the model's LLaMA norms and SiLU
-    MLPs, give ``LlamaAttention`` layers ``FusedRotaryLlamaAttention``'s class and, with
-    ``lora_linears``, PEFT's LoRA ``Linear`` layers ``FusedLoraLinear``'s; returns how many of each. ``lora_linears=False`` under ZeRO-3, where the LoRA weights
-    are shards gathered only inside their own modules' forward."""
+    MLPs (``norms_mlps``), give PEFT's LoRA ``Linear`` layers ``FusedLoraLinear``'s class
+    (``lora_linears``) and ``LlamaAttention`` layers ``FusedRotaryLlamaAttention``'s where the
+    installed forward is the mirrored one (``rotary``); returns how many of each."""
     counts = {"norms": 0, "mlps": 0, "lora_linears": 0, "attentions": 0}
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if lora_linears and type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
             counts["lora_linears"] += 1
-        elif type(module) is LlamaAttention and mirrors_llama_attention():
+        elif rotary and type(module) is LlamaAttention and mirrors_llama_attention():
             module.__class__ = FusedRotaryLlamaAttention
             counts["attentions"] += 1
-        elif kind in LLAMA_RMS_NORMS:
+        elif norms_mlps and kind in LLAMA_RMS_NORMS:
             _replace(model, name, FusedRMSNorm(module.weight, module.variance_epsilon))
             counts["norms"] += 1
-        elif kind in LLAMA_MLPS and isinstance(module.act_fn, torch.nn.SiLU | SiLUActivation):
+        elif norms_mlps and kind in LLAMA_MLPS and isinstance(module.act_fn, torch.nn.SiLU | SiLUActivation):
             _replace(model, name, FusedSwiGLUMLP(module))
             counts["mlps"] += 1
     return counts

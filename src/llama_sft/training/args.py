@@ -147,12 +147,19 @@ class SftTrainingArguments(TrainingArguments):
             "choices": ["stop", "skip"],
         },
     )
-    bf16_autocast: bool = field(
-        default=False,
+    speedups: str = field(
+        default="auto",
         metadata={
-            "help": "Set for you when --bf16 runs without DeepSpeed: llama-sft enters bfloat16 autocast itself "
-            "(and --bf16 is passed on as False), because accelerate's autocast returns the logits as a float32 "
-            "copy, tokens x vocabulary floats, every pass. The same autocast otherwise."
+            "help": "auto: every speed-up that fits this machine and run (listed at start, each skipped one with "
+            "the reason); off: stock transformers and PEFT modules, attention and loss (--packing stays as set).",
+            "choices": ["auto", "off"],
+        },
+    )
+    skip_speedups: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of speed-ups to leave out under --speedups auto, by the names the start-up report "
+            "gives (e.g. fused_head,heap_trim)."
         },
     )
     max_tokens_per_pass: int | None = field(

@@ -1,15 +1,12 @@
 """Base model and LoRA.
 
-Contract: ``load_base_model(model_args, tokenizer, dtype)`` returns a causal LM whose embedding has
-one row per tokenizer id (resized up when the tokenizer is larger; an error when it is smaller).
-``attach_lora(model, lora_args)`` returns a ``PeftModel`` whose trainable parameters are exactly
-the LoRA matrices and ``modules_to_save``, in float32, with the base frozen, and LoRA dropout
-drawn by ``dropout.BitsDropout`` (the same distribution, cheaper on a CPU). With ``peft_path`` the
-saved adapter is loaded trainable and its own configuration wins. ``keep_residual_in_base_dtype``
-then casts a trained float32 embedding's output to the base dtype under autocast, so the layers
-run in that dtype as they do without LoRA. ``drop_replaced_base_weights`` frees the base weights
-that ``modules_to_save`` copies stand in for while the adapter is active (training never switches
-it off).
+Contract: ``load_base_model(model_args, tokenizer_size, dtype)`` returns a causal LM whose
+embedding has one row per tokenizer id (resized up when the tokenizer is larger; the checks in
+``llama_sft.checks`` refuse a smaller one). ``attach_lora(model, lora_args)`` returns a
+``PeftModel`` whose trainable parameters are exactly the LoRA matrices and ``modules_to_save``, in
+float32, with the base frozen: stock transformers and PEFT modules. With ``peft_path`` the saved
+adapter is loaded trainable and its own configuration wins. ``serving_module`` says which module
+runs in place of a ``modules_to_save`` wrapper.
 """
 
 from __future__ import annotations
@@ -19,11 +16,9 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
-from ..speedups.attention import PACKED_SDPA
-from ..speedups.dropout import use_bits_dropout
 from .args import LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -71,18 +66,14 @@ def check_vocab(path: str, tokenizer_size: int, tokenizer_path: str) -> bool:
     return tokenizer_size > rows
 
 
-def load_base_model(
-    args: ModelArguments, tokenizer_size: int, dtype: torch.dtype, packed: bool = False
-) -> torch.nn.Module:
+def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    attn = args.attn_implementation
-    if packed and attn == "sdpa":
-        attn = PACKED_SDPA  # the same kernel, record by record, without an (n, n) mask
+    # transformers' sdpa attention keeps the records of a packed row apart by their position_ids.
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path,
         dtype=dtype,
-        attn_implementation=attn,
+        attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code,
         use_safetensors=None,
     )
@@ -173,29 +164,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    use_bits_dropout(model)
     return model
-
-
-def keep_residual_in_base_dtype(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
-    """Under autocast, cast the trainable (float32) embedding's output to the frozen layers' dtype.
-
-    Without it a bfloat16 model with ``embed_tokens`` in ``modules_to_save`` runs its whole residual
-    stream, norms and rotary embeddings in float32: every projection casts its input again, and
-    the saved activations take twice the memory, unlike the same model without LoRA. Without
-    autocast the output is left alone (float32 LoRA and ``modules_to_save`` need float32 inputs).
-    """
-    frozen = next(
-        (p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None
-    )
-    embedding = model.get_input_embeddings()
-    if frozen is None or frozen == torch.float32 or not any(p.requires_grad for p in embedding.parameters()):
-        return None
-
-    def cast(module, args, output):
-        return output.to(frozen) if torch.is_autocast_enabled(output.device.type) else output
-
-    return embedding.register_forward_hook(cast)
 
 
 def serving_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -218,29 +187,6 @@ def replaced_base_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         and not module.disable_adapters
         and all(name in module.modules_to_save for name in module.active_adapters)
     ]
-
-
-def drop_replaced_base_weights(model: PeftModel) -> int:
-    """Move the weights of ``replaced_base_modules`` to the meta device, unless the adapter saves
-    them; returns the bytes freed.
-
-    PEFT keeps each module of ``modules_to_save`` twice: the trained copy, and the base module to
-    serve when the adapter is switched off. Training never switches it off and merging reads the
-    base from disk. With ``embed_tokens,lm_head`` and a 55,296-row vocabulary of width 512 the
-    originals are 113 MB in bfloat16 (the benchmark's model); with LLaMA-7B's 49,954 rows of
-    4,096, 818 MB in float16. Their shapes stay, so parameter counts do not change. PEFT also saves
-    them when the vocabulary was resized or an embedding has LoRA; they stay then. For a model whose
-    weights are all its own (``trainer.DropReplacedBaseWeights`` says when).
-    """
-    saved = {tensor.data_ptr() for tensor in get_peft_model_state_dict(model).values()}
-    freed = 0
-    for module in replaced_base_modules(model):
-        weights = [p for p in module.parameters() if not p.is_meta]
-        if any(p.data_ptr() in saved for p in weights):
-            continue
-        freed += sum(p.numel() * p.element_size() for p in weights)
-        module.to("meta")
-    return freed
 
 
 def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:

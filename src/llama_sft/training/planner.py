@@ -23,10 +23,15 @@ import torch
 
 from .args import TrainArgs
 from .model import attach_lora, model_vocab_size, replaced_base_modules
-from .trainer import ce_chunk_rows
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}
+
+
+def loss_chunk_rows(device: str, vocab: int) -> int:
+    """Rows of float32 logits the fused loss holds at a time (``speedups.fused_head``): 16 on a
+    CPU, up to 2**26 values on a GPU; an estimate, not an import, so the plan needs no speed-up."""
+    return 16 if device == "cpu" else max(1, 2**26 // vocab)
 
 
 def build_meta_model(args: TrainArgs, tokenizer_size: int) -> torch.nn.Module:
@@ -119,7 +124,7 @@ def estimate_memory(
         # At labelled positions only: one buffer of logits that become their own gradient, the
         # output weight's gradient in the compute dtype before its float32 copy, float32 loss chunks.
         "vocabulary projection": (labelled_tokens_per_pass + h) * vocab * logit_bytes
-        + 2 * ce_chunk_rows(device, vocab) * vocab * 4,
+        + 2 * loss_chunk_rows(device, vocab) * vocab * 4,
         "runtime": RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
     }
     return MemoryPlan(parts, tokens_per_pass)
@@ -132,13 +137,7 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
     trainable, total = count_parameters(model)
     dtype_name = args.model.torch_dtype if args.model.torch_dtype not in (None, "auto") else "float32"
     load_dtype = getattr(torch, dtype_name)
-    compute_dtype = (
-        torch.bfloat16
-        if training.bf16 or training.bf16_autocast
-        else torch.float16
-        if training.fp16
-        else load_dtype
-    )
+    compute_dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else load_dtype
     batch = training.per_device_train_batch_size
     longest = min(args.data.max_seq_length, max(lengths, default=args.data.max_seq_length))
     # Worst case: a micro-batch of the longest records; packed rows need no padding but are as long.

@@ -19,26 +19,13 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-# oneDNN (bfloat16 products on a CPU) caches a compiled kernel per matrix shape: 1,024 by default in
-# PyTorch's ideep layer and in oneDNN itself. Packed rows have a new length every step, so those
-# caches grew RSS by ~20 MB a step (1.31 -> 2.03 GiB over 30 steps of the benchmark); at 128 the
-# memory they hold still grew by ~8 MB a step. 64 holds every shape of a step (at 8 the products ran
-# ~25% slower); read lazily at the first product, so setting them here, before any, is in time.
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-# The large CPU tensors of a step (logits, the float32 embedding and lm_head gradients, the bfloat16
-# cast of the lm_head weight) are new allocations every step, and every 4 KiB page of them faults in
-# on first touch: a fresh 113 MB tensor took 33 ms to zero and 27,649 faults, against 20-24 ms and
-# 566 faults in 2 MiB pages (whole benchmark runs: a median 4% faster over 5 alternating pairs, at
-# the same peak RSS). PyTorch asks for transparent huge pages for allocations of 2 MiB and more
-# when this is set, and reads it at its first allocation (importing transformers makes some),
-# hence here, before any import of torch.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# isort: off
+from .. import speedups  # the one way to the speed-ups; first, as it sets the environment PyTorch reads
+# isort: on
 
 import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
@@ -46,8 +33,6 @@ from ..data.packing import PackingCollator
 from ..data.records import DataError, Record, find_data_files, load_records
 from ..data.templates import Template, TemplateError, load_template
 from ..data.tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
-from ..speedups import cpu_kernels
-from ..speedups.fused_modules import use_fused_modules
 from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
 from .checkpoints import (
     CheckpointCallback,
@@ -63,57 +48,18 @@ from .model import (
     check_lora_args,
     check_model_dir,
     check_vocab,
-    keep_residual_in_base_dtype,
     load_base_model,
     read_adapter_config,
 )
 from .planner import dry_run_report
+from .precision import plan_cpu_precision
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
-from .trainer import DropReplacedBaseWeights, ReturnFreedMemory, SftTrainer
+from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
 
 INPUT_ERRORS = (ArgumentError, DataError, ModelError, TemplateError, TokenizerError, TrainingStopped)
 DEFAULT_CACHE = Path.home() / ".cache" / "llama_sft" / "data"
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def plan_cpu_precision(args: TrainArgs) -> list[str]:
-    """Flags that make a GPU recipe run at full speed on a CPU, each announced to the user."""
-    extra = []
-    if args.training.fp16:
-        if cpu_supports_bf16() and not args.training.deepspeed:
-            logger.warning(
-                "--fp16: no GPU here; float16 on a CPU runs ~100x slower, so training uses bfloat16 autocast"
-            )
-            extra += ["--fp16", "False", "--bf16", "True"]
-        else:
-            logger.warning(
-                "--fp16: no GPU here; float16 on a CPU runs ~100x slower, so training runs in float32"
-            )
-            extra += ["--fp16", "False"]
-    if args.training.bf16 and args.training.deepspeed:
-        logger.warning("--bf16 with DeepSpeed on a CPU is not supported; training runs in float32")
-        extra += ["--bf16", "False"]
-    if args.model.torch_dtype == "float16":
-        bf16_autocast = (args.training.fp16 or args.training.bf16) and not args.training.deepspeed
-        if bf16_autocast and cpu_supports_bf16():
-            # Autocast multiplies in bfloat16 anyway; frozen bfloat16 weights skip that cast every step
-            # and halve their memory. Trainable weights stay float32 (model.attach_lora).
-            logger.warning(
-                "--torch_dtype float16: no GPU here; loading the frozen weights in bfloat16 instead"
-            )
-            extra += ["--torch_dtype", "bfloat16"]
-        else:
-            logger.warning("--torch_dtype float16: no GPU here; loading the weights in float32 instead")
-            extra += ["--torch_dtype", "float32"]
-    return extra
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
@@ -145,10 +91,7 @@ def parse_for_this_machine(argv: list[str]) -> TrainArgs:
         if not probe.training.deepspeed:
             argv += ["--use_cpu", "True"]
         argv += plan_cpu_precision(probe)
-    args = parse_train_args(argv)
-    if args.training.bf16 and not args.training.deepspeed:
-        args = parse_train_args(argv + ["--bf16", "False", "--bf16_autocast", "True"])
-    return args
+    return parse_train_args(argv)
 
 
 def load_data(
@@ -355,32 +298,17 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         print(dry_run_report(args, len(tokenizer), train_set.lengths(), labelled))
         return None
 
-    # 4. Model and LoRA. Seeded first: the LoRA A matrices are drawn from the global RNG.
+    # 4. Model and LoRA, with the speed-ups that fit (seeded first: the LoRA A matrices are drawn
+    # from the global RNG).
     transformers.set_seed(training.seed)
-    # cuDNN's attention, PyTorch's first choice on recent GPUs, builds an execution graph for every
-    # new sequence length, and SFT rows (packed rows' records above all) change length every step.
-    # On an H200 (~1B model, 20 steps of 8 records) training took 23.0 s with it and 3.95 s without;
-    # the original pipeline's at batch 8, 13.1 and 3.7 s. Flash and memory-efficient attention take
-    # any length as it comes.
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    model = load_base_model(
-        args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype), packed=args.data.packing
-    )
-    check_lora_args(model, args.lora)
-    model = attach_lora(model, args.lora)
-    keep_residual_in_base_dtype(model)
-    if training.device.type == "cpu":
-        # Built (about a second) or found now, so a missing compiler is reported before training.
-        with training.main_process_first(desc="CPU kernels"):
-            if cpu_kernels.kernels() is not None:
-                logger.info(
-                    "LoRA dropout, the cross-entropy, RMSNorm, SwiGLU, the rotary embedding and packed "
-                    "attention run as fused CPU kernels (cpu_kernels.c)"
-                )
-    # Off the CPU the fused modules run PyTorch's ops, the same as transformers' modules, but the
-    # LoRA update still goes inside its second product: two fewer kernel launches per LoRA layer
-    # in the forward, and a GPU step is bound by launches.
-    use_fused_modules(model, lora_linears=not is_deepspeed_zero3_enabled())
+
+    def build_model():
+        model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))
+        check_lora_args(model, args.lora)
+        return attach_lora(model, args.lora)
+
+    fast = speedups.apply(args, build_model)
+    model = fast.model
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
@@ -394,6 +322,8 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     run_args = {
         **args.to_dict(),
         "data_stats": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
+        "compute_dtype": fast.compute_dtype,
+        "speedups": fast.report,
     }
     # Rotation is ours (CheckpointCallback): it runs once a checkpoint is complete and spares the
     # checkpoint being resumed from.
@@ -410,15 +340,11 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
             stop,
             FiniteGradCallback(training.nan_policy),
-            DropReplacedBaseWeights(),
-            *(
-                [ReturnFreedMemory(training.bf16_autocast)]
-                if training.device.type == "cpu" and training.return_freed_memory
-                else []
-            ),
+            *fast.callbacks,
         ],
         max_tokens_per_pass=training.max_tokens_per_pass,
-        autocast_dtype=torch.bfloat16 if training.bf16_autocast else None,
+        loss=fast.loss,
+        autocast=fast.autocast,
     )
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
