@@ -454,10 +454,11 @@ def trained_dtype(lora_dir: Path, asked: str) -> str:
     """The dtype llama-sft's products ran in, from the arguments it saved with the LoRA: it may
     decline the bfloat16 it was asked for, and MFU must divide by the rate of the dtype it used."""
     try:
-        training = json.loads((lora_dir / "training_args.json").read_text())["training"]
+        run_args = json.loads((lora_dir / "training_args.json").read_text())
+        training = run_args["training"]
     except (OSError, ValueError, KeyError, TypeError):
         return asked
-    return "bfloat16" if training.get("bf16_autocast") or training.get("bf16") else "float32"
+    return run_args.get("compute_dtype") or ("bfloat16" if training.get("bf16") else "float32")
 
 
 def run_contender(name: str, w: dict, args: argparse.Namespace) -> dict:

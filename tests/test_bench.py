@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +40,24 @@ def test_mfu_divides_by_the_best_rate_measured_for_its_dtype():
         {"name": "trl", "error": "failed"},
     ]
     assert train_bench.best_gemm_rates(rates, runs) == {"float32": 300.0, "bfloat16": 1600.0}
+
+
+def test_step_ablation_builds_each_variant_through_the_switch(tmp_path):
+    """Each variant is set up by speedups.apply from the flags it names and stepped by the trainer."""
+    out = tmp_path / "ablation.json"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    args = ["--quick", "--reps", "1", "--variants", "all,off,-fused_head,-labelled_logits", "--out", str(out)]
+    args += ["--data", str(tmp_path / "absent.json")]  # the generated demo data, shared/ or not
+    result = subprocess.run(
+        [sys.executable, str(bench / "step_ablation.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["variant"] for row in report["rows"]] == ["all", "off", "-labelled_logits", "-fused_head"]
+    assert all(row["median_ms"] > 0 for row in report["rows"])
+    states = report["speedups"]
+    assert states["all"]["fused_head"].startswith("applied")
+    assert states["-fused_head"]["fused_head"] == "skipped: --skip_speedups"
+    assert states["-fused_head"]["labelled_logits"].startswith("applied")
+    assert states["-labelled_logits"]["labelled_logits"] == "skipped: --skip_speedups"
+    assert all(state.startswith("skipped: --speedups off") for state in states["off"].values())

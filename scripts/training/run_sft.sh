@@ -26,6 +26,7 @@ peft_model=${peft_model:-}
 validation_file=${validation_file:-../../demo_output/data/eval.json}
 deepspeed_config_file=${deepspeed_config_file:-ds_zero2_no_offload.json}
 nproc_per_node=${nproc_per_node:-1}
+speedups=${speedups:-auto}  # auto: every speed-up that fits; off: stock transformers/PEFT training
 ########parameters########
 
 # Continue an existing LoRA when peft_model is set; otherwise start a new one.
@@ -74,4 +75,5 @@ torchrun --nnodes 1 --nproc_per_node "${nproc_per_node}" run_clm_sft_with_peft.p
     --validation_file "${validation_file}" \
     --gradient_checkpointing \
     --ddp_find_unused_parameters False \
+    --speedups "${speedups}" \
     "${peft_args[@]}"

@@ -136,13 +136,10 @@ def forward_record_starts(position_ids: torch.Tensor) -> list[int]:
     return _once_per_row(position_ids, "starts", lambda: record_starts(position_ids))
 
 
-# On a GPU a training step is bound by kernel launches (session 6, H200, a 1B model, 8 records of
-# ~160 tokens: 54 ms of GPU time in a 137 ms step); one masked sdpa call for the row took the step
-# to 115 ms against 137 for one call per record (bench/results/gpu_h200_s6_ablation.json,
-# "-packed-attention", with cuDNN's attention still on and its graphs built). The masked call
-# computes the whole (n, n) product: past this length the arithmetic it wastes (estimated, not
-# measured: ~14 n^2 hidden FLOPs a layer, about 0.5 ms at n = 2,048 and hidden 2,048) outgrows the
-# launches it saves (~0.17 ms a record and layer).
+# On a GPU a training step is bound by kernel launches, so a row attends in one masked sdpa call
+# (on an H200: 115 against 137 ms a step for one call per record). The masked call computes the
+# whole (n, n) product: past this length the arithmetic it wastes (an estimate) outgrows the
+# launches it saves.
 GPU_ROW_AT_ONCE_MAX_LEN = 2048
 
 

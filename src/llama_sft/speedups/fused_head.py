@@ -257,8 +257,8 @@ class ComputeDtypeCopy:
     ``lm_head`` that is 56 MB of fresh memory whose pages fault in: 49 ms a step on the 2-core CPU
     of the benchmark, 10 ms into a buffer already in memory. ``LabelledHeadCrossEntropy`` then
     reuses the buffer for the weight's gradient product (another 56 MB it no longer allocates), so
-    each call copies the weight again. The buffer stays between steps: on the benchmark's run,
-    whole runs were ~7% faster and peak RSS ~60 MiB higher (session 7).
+    each call copies the weight again. The buffer stays between steps: whole benchmark runs were
+    ~7% faster for ~60 MiB more peak RSS.
     """
 
     def __init__(self):
@@ -280,7 +280,7 @@ class HeadSkippingEmptyInput(torch.nn.Linear):
     positions (``labelled_loss_sum``), and that empty product runs outside autocast.
 
     Why: autocast casts the whole weight to the compute dtype even for an empty product, in a new
-    tensor: for the benchmark's 55,296 x 512 ``lm_head``, 50 ms a step on its CPU (session 8). The
+    tensor: for the benchmark's 55,296 x 512 ``lm_head``, 50 ms a step on a 2-core CPU. The
     empty product itself costs nothing, and keeps the weight in the graph of the model's outputs,
     where DDP looks for the parameters a step does not use.
     """

@@ -28,12 +28,8 @@ optimizer step.
 
 Why: a 55,296 x 512 float32 gradient is 113 MB, above glibc's largest ``mmap`` threshold (32 MiB),
 so each new one is mapped afresh and its pages fault in as it is first written; the Trainer drops
-the gradients after every optimizer step. In a profile of the benchmark's run on the 2-core CPU
-(session 8), zeroing the embedding's new gradient took 67 ms a step and casting ``lm_head``'s
-gradient to float32 into a new tensor 66 ms; ~8-11 ms each into memory already there. The
-logits of the labelled positions (1,304 x 55,296 bfloat16, 144 MB, on one of the benchmark's steps)
-are new every step too: their product took 96 ms into a new tensor and 49 ms into memory already
-there (medians of 25, interleaved, session 9). Sharing one buffer between the logits and the
+the gradients after every optimizer step, and the labelled positions' logits are new every step
+too (docs/performance.md gives the times). Sharing one buffer between the logits and the
 embedding's gradient keeps the resident memory of one of them. On a GPU, PyTorch's caching
 allocator already reuses the memory.
 """

@@ -21,14 +21,10 @@ class ReturnFreedMemory(TrainerCallback):
     no-op where the C library has no such call. ``--return_freed_memory False`` leaves it out.
 
     Why: packed rows change length every step, so activations of new sizes land in new places of
-    glibc's heap, and the holes left by earlier steps stay resident. Peak RSS of the benchmark's
-    run (session 7): 2,083-2,105 MiB with a trim after every step and 2,287-2,324 without over 30
-    steps; over 150 steps, 2,277 and 2,547 MiB (without it, RSS kept rising for 100 steps). The
-    price: the next step faults every page it reuses in again. Why every 8 steps under bfloat16
-    autocast and every step in float32 (session 12, 2-core AVX-512 EPYC, the benchmark's 30-step
-    runs back to back): bfloat16 2,047 tokens/s at 1.94 GB against 1,796 at 1.87 GB after every
-    step; float32 679 at 2.60 GB against 631 at 2.34 GB (one run each), where the peak would pass
-    the original pipeline's (2.35-2.41 GB).
+    glibc's heap, and the holes left by earlier steps stay resident. The price: the next step
+    faults every page it reuses in again, so under bfloat16 it runs every 8 steps; float32's
+    larger activations would then pass the original pipeline's peak, so there it runs every step
+    (docs/performance.md, "heap_trim").
     """
 
     def __init__(self, under_bf16_autocast: bool):
