@@ -150,7 +150,8 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
     from .dropout import use_bits_dropout
 
     dropouts = use_bits_dropout(model) if "bits_dropout" in wanted and on_cpu else 0
-    decide("bits_dropout", dropouts > 0, "not on a CPU" if not on_cpu else "LoRA dropout is 0")
+    if decide("bits_dropout", dropouts > 0, "not on a CPU" if not on_cpu else "LoRA dropout is 0"):
+        report["bits_dropout"] += f" ({dropouts} layers)"
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -163,12 +164,14 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
         lora_linears="fused_lora" in wanted and not zero3,
         rotary="rotary_kernel" in wanted,
     )
-    decide("fused_norm_mlp", counts["norms"] + counts["mlps"] > 0, "no LLaMA-style RMSNorm or SwiGLU MLP")
-    decide(
+    if decide("fused_norm_mlp", counts["norms"] + counts["mlps"] > 0, "no LLaMA-style RMSNorm or SwiGLU MLP"):
+        report["fused_norm_mlp"] += f" ({counts['norms']} norms, {counts['mlps']} MLPs)"
+    if decide(
         "fused_lora",
         counts["lora_linears"] > 0,
         "ZeRO-3 gathers LoRA weights inside their own modules" if zero3 else "no LoRA Linear layer",
-    )
+    ):
+        report["fused_lora"] += f" ({counts['lora_linears']} layers)"
     decide(
         "rotary_kernel",
         counts["attentions"] > 0,

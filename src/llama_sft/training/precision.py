@@ -109,6 +109,8 @@ def plan_cpu_precision(args) -> list[str]:
                 reason,
             )
             extra += ["--fp16", "False"]
+    if not (training.fp16 or training.bf16):
+        logger.info("training in float32 (no --fp16 or --bf16); bfloat16 here: %s", why)
     if training.bf16 and training.deepspeed:
         logger.warning("--bf16 with DeepSpeed on a CPU is not supported; training runs in float32")
         extra += ["--bf16", "False"]
