@@ -17,6 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from llama_sft.checks import ModelError
 from llama_sft.data.collate import Collator
 from llama_sft.data.encode import encode_records
 from llama_sft.data.records import load_records
@@ -25,7 +26,7 @@ from llama_sft.speedups import cpu_kernels
 from llama_sft.speedups.memory import drop_replaced_base_weights, replaced_base_modules
 from llama_sft.tools.demo import make_model
 from llama_sft.training.args import LoraArguments
-from llama_sft.training.model import ModelError, attach_lora
+from llama_sft.training.model import attach_lora
 from llama_sft.training.run import train
 
 

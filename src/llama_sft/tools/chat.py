@@ -33,8 +33,18 @@ from typing import TextIO
 
 import torch
 
+from ..checks import (
+    ModelError,
+    adapter_vocab_rows,
+    check_adapter_dir,
+    check_model_dir,
+    check_vocab,
+    first_line,
+    has_tokenizer,
+    model_vocab_size,
+)
 from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
-from ..data.tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+from ..data.tokenizer import TextTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +52,8 @@ DEFAULT_TEMPLATE = "alpaca"
 
 
 class ChatError(ValueError):
-    """Bad chat input. The message names the file or flag and says what to do."""
+    """A bad chat flag or instruction file. Problems with the model, adapter or vocabulary are
+    ``ModelError``, as in train and merge."""
 
 
 def str2bool(text: str) -> bool:
@@ -87,25 +98,6 @@ class GenerationSettings:
 # Loading
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / SP_MODEL).is_file() or (folder / HF_JSON).is_file()
-
-
-def _adapter_rows(lora: Path) -> int | None:
-    """Embedding rows a LoRA was trained with, when it saved embed_tokens (a resized vocabulary)."""
-    weights = lora / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if name.endswith("embed_tokens.weight"):
-                    return handle.get_slice(name).get_shape()[0]
-        return None
-    state = torch.load(lora / "adapter_model.bin", map_location="cpu", weights_only=True, mmap=True)
-    return next((v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")), None)
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,8 +110,9 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     base = Path(base_model)
-    if not (base / "config.json").is_file():
-        raise ChatError(f"{base}: no config.json; --base_model must be a Hugging Face model folder")
+    check_model_dir(base, "--base_model")
+    if lora_model is not None:
+        check_adapter_dir(lora_model, "--lora_model")
     if dtype == "auto":
         # float16 matrix products are very slow on a CPU; on a GPU half precision halves memory.
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -127,28 +120,23 @@ def load_model(
         torch_dtype = getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype)
-    except OSError as exc:
-        raise ChatError(f"{base}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{base}: cannot load the model ({first_line(exc)}); re-save it with save_pretrained"
+        ) from None
     if lora_model is not None:
         from peft import PeftModel
 
         lora = Path(lora_model)
-        config = lora / "adapter_config.json"
-        if not config.is_file():
-            raise ChatError(
-                f"{config}: missing; --lora_model must be a folder saved by PEFT (sft_lora_model)"
-            )
-        if not any((lora / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise ChatError(f"{lora}: no adapter_model.safetensors or adapter_model.bin in --lora_model")
-        rows = _adapter_rows(lora)
+        rows = adapter_vocab_rows(lora, "--lora_model")
         if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
             # The saved embed_tokens/lm_head replace these rows, so how they are initialised is moot.
             model.resize_token_embeddings(rows, mean_resizing=False)
         try:
             model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
         except (RuntimeError, ValueError) as exc:
-            raise ChatError(
-                f"{lora}: the LoRA does not fit {base} ({str(exc).splitlines()[0]}); was it trained on another base?"
+            raise ModelError(
+                f"{lora}: the LoRA does not fit {base} ({first_line(exc)}); was it trained on another base?"
             ) from None
     return model.to(device).eval()
 
@@ -157,9 +145,9 @@ def resolve_tokenizer(tokenizer_path: str | None, lora_model: str | None, base_m
     if tokenizer_path is not None:
         return TextTokenizer.load(tokenizer_path)
     for folder in (lora_model, base_model):
-        if folder is not None and _has_tokenizer(Path(folder)):
+        if folder is not None and has_tokenizer(folder):
             return TextTokenizer.load(folder)
-    raise ChatError(
+    raise TokenizerError(
         f"no tokenizer in {lora_model or base_model}: pass --tokenizer_path (the folder with tokenizer.model)"
     )
 
@@ -176,14 +164,19 @@ def resolve_template(name: str | None, lora_model: str | None, base_model: str) 
     return load_template(DEFAULT_TEMPLATE)
 
 
-def check_vocab(tokenizer: TextTokenizer, model) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
-    # A virtual <pad> (added when the tokenizer has none) never reaches the model in a prompt.
-    usable = len(tokenizer) - (1 if tokenizer.added_pad else 0)
-    if usable > rows:
-        raise ChatError(
-            f"{tokenizer.directory}: the tokenizer has {usable} tokens but the model has {rows} embedding rows; "
-            "pass the tokenizer the model was trained with (--tokenizer_path)"
+def check_tokenizer(tokenizer: TextTokenizer, base_model: str | Path, lora_model: str | Path | None) -> None:
+    """Refuse a tokenizer that does not fit the model, from the config files, before it is loaded."""
+    rows = adapter_vocab_rows(lora_model, "--lora_model") if lora_model is not None else None
+    # A LoRA that saved embed_tokens decides the vocabulary; otherwise the base does.
+    source = lora_model if rows is not None else base_model
+    if rows is None:
+        rows = model_vocab_size(base_model, "--base_model")
+    if check_vocab(rows, len(tokenizer), source, tokenizer.directory, virtual_pad=tokenizer.added_pad):
+        usable = len(tokenizer) - (1 if tokenizer.added_pad else 0)
+        # Generation cannot grow the embedding: ids past its last row would index out of range.
+        raise ModelError(
+            f"{tokenizer.directory}: the tokenizer has {usable} tokens but the model {source} has {rows} "
+            "embedding rows; pass the tokenizer the model was trained with (--tokenizer_path)"
         )
 
 
@@ -444,18 +437,17 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         **{option.name: vars(args)[option.name] for option in fields(GenerationSettings)}
     )
     try:
-        if not Path(args.base_model).is_dir():
-            raise ChatError(f"{args.base_model}: --base_model is not a folder")
-        if args.lora_model is not None and not Path(args.lora_model).is_dir():
-            raise ChatError(f"{args.lora_model}: --lora_model is not a folder")
+        check_model_dir(args.base_model, "--base_model")
+        if args.lora_model is not None:
+            check_adapter_dir(args.lora_model, "--lora_model")
         tokenizer = resolve_tokenizer(args.tokenizer_path, args.lora_model, args.base_model)
+        check_tokenizer(tokenizer, args.base_model, args.lora_model)
         template = resolve_template(args.prompt_template, args.lora_model, args.base_model)
         if args.system_prompt is not None:
             template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
         if args.seed is not None:
             torch.manual_seed(args.seed)
         model = load_model(args.base_model, args.lora_model, pick_device(args.device), args.torch_dtype)
-        check_vocab(tokenizer, model)
         budget = context_budget(model, settings, args.max_context)
         if args.data_file is not None:
             predictions = predict_file(
@@ -466,6 +458,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
             interactive(
                 model, tokenizer, template, settings, budget, stdin or sys.stdin, stdout or sys.stdout
             )
-    except (ChatError, TemplateError, TokenizerError) as exc:
+    except (ModelError, ChatError, TemplateError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

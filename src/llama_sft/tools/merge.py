@@ -38,14 +38,22 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..checks import (
+    ADAPTER_CONFIG,
+    ModelError,
+    check_adapter_dir,
+    check_model_dir,
+    check_vocab,
+    first_line,
+    has_tokenizer,
+    weight_files,
+)
 from ..data.templates import TEMPLATE_FILE, TemplateError
-from ..data.tokenizer import HF_JSON, SP_MODEL, TextTokenizer, TokenizerError
+from ..data.tokenizer import SP_MODEL, TextTokenizer, TokenizerError
 from ..training.saving import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
@@ -68,7 +76,8 @@ DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class MergeError(ValueError):
-    """Bad merge input. The message names the file or flag and says what to do."""
+    """A merge flag that cannot be honoured (output type, output folder, LoRA list). Problems with
+    the model, adapter or vocabulary themselves are ``ModelError``, as in train and chat."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,34 +98,6 @@ class BaseModel:
         return max(path.stat().st_size for path in self.files)
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise MergeError(
-                    f"{index}: not a valid shard index ({exc}); re-save the base model"
-                ) from None
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
-            missing = [str(path) for path in files if not path.is_file()]
-            if missing:
-                raise MergeError(
-                    f"{missing[0]}: listed in {index.name} but missing; copy the whole model folder"
-                )
-            return files
-        if (folder / single).is_file():
-            return [folder / single]
-    raise MergeError(
-        f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index) in --base_model; "
-        "convert the checkpoint to Hugging Face format first"
-    )
-
-
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # mmap: tensors are paged in as they are read, so a shard never needs a second copy in memory.
@@ -126,13 +107,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             # Checkpoints in torch's legacy (pre-zip) format cannot be memory-mapped.
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise MergeError(f"{path}: cannot read the weights ({exc})") from None
+            raise ModelError(
+                f"{path}: cannot read the weights ({first_line(exc)}); re-save the model"
+            ) from None
     except Exception as exc:
-        raise MergeError(
-            f"{path}: cannot read the weights ({exc}); only plain tensor files load safely"
+        raise ModelError(
+            f"{path}: cannot read the weights ({first_line(exc)}); only plain tensor files load safely"
         ) from None
     if not isinstance(state, dict):
-        raise MergeError(f"{path}: expected a dict of tensors")
+        raise ModelError(f"{path}: expected a dict of tensors; re-save the model with save_pretrained")
     return state
 
 
@@ -179,16 +162,8 @@ def _open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
 
 def read_base_model(folder: str | Path) -> BaseModel:
     folder = Path(folder)
-    if not folder.is_dir():
-        raise MergeError(f"{folder}: --base_model is not a folder (a Hugging Face model folder is needed)")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise MergeError(f"{config_file}: missing; --base_model must be a Hugging Face model folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"{config_file}: cannot read ({exc})") from None
-    files = _weight_files(folder)
+    config = check_model_dir(folder, "--base_model", need_weights=False)
+    files = weight_files(folder, "--base_model")
     keys, shapes, dtypes = {}, {}, {}
     for path in files:
         if path.suffix == ".safetensors":
@@ -200,7 +175,9 @@ def read_base_model(folder: str | Path) -> BaseModel:
                         shapes[name] = tuple(piece.get_shape())
                         dtypes[name] = DTYPES_BY_NAME[piece.get_dtype()]
             except Exception as exc:
-                raise MergeError(f"{path}: not a readable safetensors file ({exc})") from None
+                raise ModelError(
+                    f"{path}: not a readable safetensors file ({first_line(exc)}); re-save the model"
+                ) from None
         else:
             state = _load_bin(path)
             names = [name for name, value in state.items() if isinstance(value, torch.Tensor)]
@@ -209,7 +186,9 @@ def read_base_model(folder: str | Path) -> BaseModel:
             del state
         keys[path] = names
     if EMBED_KEY not in shapes:
-        raise MergeError(f"{folder}: the weights have no {EMBED_KEY}; is this a LLaMA-family model?")
+        raise ModelError(
+            f"{folder}: the weights have no {EMBED_KEY}; --base_model must be a LLaMA-family model"
+        )
     return BaseModel(folder, config, files, keys, shapes, dtypes)
 
 
@@ -258,31 +237,16 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 
 def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
     folder = Path(folder)
-    if not folder.is_dir():
-        raise MergeError(f"{folder}: --lora_model folder not found")
+    config, weights_file = check_adapter_dir(folder, "--lora_model")
     config_file = folder / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise MergeError(
-            f"{config_file}: missing; --lora_model must be a folder saved by PEFT (sft_lora_model)"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"{config_file}: cannot read ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise MergeError(
-            f"{config_file}: a {config.get('peft_type')!r} adapter, not a LoRA; only LoRAs merge"
-        )
+    # PEFT can load these variants, but their update is not B @ A alone: refused rather than mis-merged.
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
-            raise MergeError(f"{config_file}: {flag} is set; llama-sft merges plain LoRAs only")
+            raise ModelError(f"{config_file}: {flag} is set; llama-sft merges plain LoRAs only")
     if config.get("trainable_token_indices"):
-        raise MergeError(
+        raise ModelError(
             f"{config_file}: trainable_token_indices adapters are not supported by llama-sft merge"
         )
-    weights_file = next((folder / name for name in ADAPTER_FILES if (folder / name).is_file()), None)
-    if weights_file is None:
-        raise MergeError(f"{folder}: no adapter_model.safetensors or adapter_model.bin in --lora_model")
     try:
         if weights_file.suffix == ".safetensors":
             with safe_open(str(weights_file), framework="pt") as handle:
@@ -290,7 +254,9 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
         else:
             tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MergeError(f"{weights_file}: cannot read the adapter weights ({exc})") from None
+        raise ModelError(
+            f"{weights_file}: cannot read the adapter weights ({first_line(exc)}); re-save the LoRA"
+        ) from None
 
     adapter = Adapter(folder, weights_file, config)
     pairs: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
@@ -302,7 +268,7 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
             pairs.setdefault((match["module"], bool(match["embedding"])), {})[match["ab"]] = tensor
             continue
         if "lora_magnitude_vector" in key:
-            raise MergeError(
+            raise ModelError(
                 f"{weights_file}: holds DoRA weights ({name}); llama-sft merges plain LoRAs only"
             )
         if ".original_module." in key:
@@ -317,16 +283,16 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
     for key, op in full.items():
         adapter.ops[key] = [op]
     if not pairs:
-        raise MergeError(f"{weights_file}: holds no LoRA weights (lora_A/lora_B); is it a LoRA adapter?")
+        raise ModelError(f"{weights_file}: holds no LoRA weights (lora_A/lora_B); is it a LoRA adapter?")
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
     for (module, embedding), ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise MergeError(
+            raise ModelError(
                 f"{weights_file}: {module} has lora_{''.join(ab)} without its partner; re-save the LoRA"
             )
         r = ab["A"].shape[0]
         if ab["B"].shape[-1] != r:
-            raise MergeError(f"{weights_file}: {module}: lora_A and lora_B ranks differ; the file is corrupt")
+            raise ModelError(f"{weights_file}: {module}: lora_A and lora_B ranks differ; the file is corrupt")
         module_alpha = _pattern_value(config.get("alpha_pattern"), module, alpha)
         module_rank = _pattern_value(config.get("rank_pattern"), module, rank)
         if module_rank != r:
@@ -342,24 +308,38 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
         adapter.ops.setdefault(f"{module}.weight", []).append(LowRank(ab["A"], ab["B"], scaling, transpose))
     for key in adapter.ops:
         if key not in base.shapes:
-            raise MergeError(
+            raise ModelError(
                 f"{weights_file}: changes {key}, which the base model {base.folder} does not have; "
                 "was this LoRA trained on another base model?"
             )
-    if (folder / SP_MODEL).is_file() or (folder / HF_JSON).is_file():
+    if has_tokenizer(folder):
         adapter.tokenizer = TextTokenizer.load(folder)
     return adapter
 
 
-def _tokenizer_fits(tokenizer: TextTokenizer, rows: int) -> bool:
-    # A tokenizer without a pad token counts a virtual <pad> that a LoRA trained elsewhere never had.
-    return len(tokenizer) == rows or (tokenizer.added_pad and len(tokenizer) - 1 == rows)
+def _vocab_source(base: BaseModel, adapters: list[Adapter]) -> Path:
+    """The folder that decides the vocabulary after ``adapters``: the last one that saved embed_tokens."""
+    return next(
+        (
+            a.folder
+            for a in reversed(adapters)
+            if any(isinstance(op, Replace) for op in a.ops.get(EMBED_KEY, ()))
+        ),
+        base.folder,
+    )
+
+
+def _too_large(tokenizer: TextTokenizer, rows: int, source: Path) -> bool:
+    """Whether ``tokenizer`` has more tokens than the merged rows (a smaller one is refused by
+    ``check_vocab`` as in train and chat). A merged model cannot grow its embedding, and a virtual
+    <pad> the tokenizer added itself never needs a row."""
+    return check_vocab(rows, len(tokenizer), source, tokenizer.directory, virtual_pad=tokenizer.added_pad)
 
 
 def plan_shapes(base: BaseModel, adapters: list[Adapter]) -> dict[str, tuple[int, ...]]:
     """Check every adapter against the model it is applied to; return the merged model's shapes."""
     shapes = dict(base.shapes)
-    for adapter in adapters:
+    for number, adapter in enumerate(adapters):
         rows_before = shapes[EMBED_KEY][0]
         grown = {}
         for key, ops in adapter.ops.items():
@@ -368,7 +348,7 @@ def plan_shapes(base: BaseModel, adapters: list[Adapter]) -> dict[str, tuple[int
                     new, old = tuple(op.tensor.shape), shapes[key]
                     if key in (EMBED_KEY, LM_HEAD_KEY) and new[1:] == old[1:]:
                         if new[0] < rows_before:
-                            raise MergeError(
+                            raise ModelError(
                                 f"{adapter.weights_file}: its {key} has {new[0]} rows, fewer than the "
                                 f"{rows_before} of the model it is applied to; vocabularies only grow, so give "
                                 "--lora_model in training order (e.g. the Chinese-LLaMA LoRA before the "
@@ -376,27 +356,28 @@ def plan_shapes(base: BaseModel, adapters: list[Adapter]) -> dict[str, tuple[int
                             )
                         grown[key] = new[0]
                     elif new != old:
-                        raise MergeError(
+                        raise ModelError(
                             f"{adapter.weights_file}: {key} has shape {list(new)} but the model has {list(old)}; "
                             "was this LoRA trained on another base model?"
                         )
                     shapes[key] = new
                 elif op.shape != shapes[key]:
-                    raise MergeError(
+                    raise ModelError(
                         f"{adapter.weights_file}: the LoRA delta for {key} has shape {list(op.shape)} but the "
                         f"model's weight has {list(shapes[key])}; was this LoRA trained on another base model "
                         "or vocabulary?"
                     )
         if LM_HEAD_KEY in shapes and shapes[EMBED_KEY][0] != shapes[LM_HEAD_KEY][0]:
             have = ", ".join(grown) or "neither"
-            raise MergeError(
+            raise ModelError(
                 f"{adapter.weights_file}: changes the vocabulary but holds {have} of embed_tokens and lm_head; "
                 "a LoRA over a resized vocabulary must be trained with --modules_to_save embed_tokens,lm_head"
             )
         rows = shapes[EMBED_KEY][0]
-        if adapter.tokenizer is not None and not _tokenizer_fits(adapter.tokenizer, rows):
+        source = _vocab_source(base, adapters[: number + 1])
+        if adapter.tokenizer is not None and _too_large(adapter.tokenizer, rows, source):
             where = adapter.tokenizer.directory
-            raise MergeError(
+            raise ModelError(
                 f"{where}: this tokenizer has {len(adapter.tokenizer)} tokens but the model after applying "
                 f"{adapter.weights_file} has {rows} embedding rows; put the tokenizer the LoRA was trained "
                 "with beside it (a LoRA over a resized vocabulary must hold embed_tokens and lm_head)"
@@ -639,16 +620,16 @@ def write_pth(
 def _output_tokenizer(base: BaseModel, adapters: list[Adapter], rows: int) -> TextTokenizer | None:
     for adapter in reversed(adapters):
         if adapter.tokenizer is not None:
-            if not _tokenizer_fits(adapter.tokenizer, rows):
-                raise MergeError(
+            if _too_large(adapter.tokenizer, rows, _vocab_source(base, adapters)):
+                raise ModelError(
                     f"{adapter.tokenizer.directory}: this tokenizer has {len(adapter.tokenizer)} tokens but a later "
                     f"LoRA makes the vocabulary {rows}; put the tokenizer the last LoRA was trained with beside it"
                 )
             return adapter.tokenizer
-    if (base.folder / SP_MODEL).is_file() or (base.folder / HF_JSON).is_file():
+    if has_tokenizer(base.folder):
         tokenizer = TextTokenizer.load(base.folder)
-        if not _tokenizer_fits(tokenizer, rows):
-            raise MergeError(
+        if _too_large(tokenizer, rows, _vocab_source(base, adapters)):
+            raise ModelError(
                 f"{base.folder}: its tokenizer has {len(tokenizer)} tokens but the merged model has {rows} "
                 "rows, and no --lora_model holds a tokenizer; put the training tokenizer beside the last LoRA"
             )
@@ -742,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     loras = [part.strip() for part in args.lora_model.split(",") if part.strip()]
     try:
         out = merge(args.base_model, loras, args.output_type, args.output_dir, args.pth_shards)
-    except (MergeError, TokenizerError, TemplateError) as exc:
+    except (ModelError, MergeError, TokenizerError, TemplateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"merged model written to {out}")

@@ -11,59 +11,16 @@ runs in place of a ``modules_to_save`` wrapper.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
-from .args import LoraArguments, ModelArguments
+from ..checks import ModelError, first_line, read_adapter_config
+from .args import ArgumentError, LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-class ModelError(ValueError):
-    """A bad model, adapter or LoRA setting. The message names the path or flag and what to do."""
-
-
-def check_model_dir(path: str, need_weights: bool = True) -> None:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelError(
-            f"{folder}: --model_name_or_path is not a folder (a local Hugging Face model is needed)"
-        )
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder}: no config.json; is this a Hugging Face model folder?")
-    if need_weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ModelError(
-            f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index); "
-            "convert the checkpoint to Hugging Face format first"
-        )
-
-
-def model_vocab_size(path: str) -> int:
-    return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
-
-
-def check_vocab(path: str, tokenizer_size: int, tokenizer_path: str) -> bool:
-    """True when the embedding must grow to the tokenizer's size. Smaller tokenizers are refused."""
-    rows = model_vocab_size(path)
-    if tokenizer_size < rows:
-        raise ModelError(
-            f"{tokenizer_path}: the tokenizer has {tokenizer_size} tokens but the model {path} has {rows} "
-            "embedding rows. This usually means the original LLaMA tokenizer (32000) was given for a "
-            "Chinese-LLaMA model (49953/55296): pass the tokenizer that came with the model"
-        )
-    return tokenizer_size > rows
 
 
 def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -104,48 +61,35 @@ def check_lora_args(model: torch.nn.Module, lora: LoraArguments) -> None:
     if lora.peft_path is not None:
         return
     if lora.lora_rank <= 0:
-        raise ModelError(f"--lora_rank {lora.lora_rank}: the rank must be a positive integer (8 is usual)")
+        raise ArgumentError(f"--lora_rank {lora.lora_rank}: the rank must be a positive integer (8 is usual)")
     if not 0 <= lora.lora_dropout < 1:
-        raise ModelError(f"--lora_dropout {lora.lora_dropout}: must be in [0, 1)")
+        raise ArgumentError(f"--lora_dropout {lora.lora_dropout}: must be in [0, 1)")
     linear, every = _module_names(model)
     if not lora.target_modules:
-        raise ModelError("--trainable is empty: name the modules that get LoRA, e.g. q_proj,v_proj")
+        raise ArgumentError("--trainable is empty: name the modules that get LoRA, e.g. q_proj,v_proj")
     unknown = [m for m in lora.target_modules if m not in linear]
     if unknown:
-        raise ModelError(
+        raise ArgumentError(
             f"--trainable names {', '.join(unknown)}, which the model has no linear layer called; "
             f"choose from {', '.join(sorted(linear))}"
         )
     missing = [m for m in lora.modules_to_save_list or [] if m not in every]
     if missing:
-        raise ModelError(
+        raise ArgumentError(
             f"--modules_to_save names {', '.join(missing)}, which the model has no module called; "
             "for LLaMA use embed_tokens,lm_head (or null for none)"
         )
 
 
-def read_adapter_config(peft_path: str) -> dict:
-    config_file = Path(peft_path) / "adapter_config.json"
-    if not config_file.is_file():
-        raise ModelError(f"{peft_path}: --peft_path has no adapter_config.json; give a folder saved by PEFT")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config_file}: cannot read ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise ModelError(f"{config_file}: --peft_path is a {config.get('peft_type')!r} adapter, not a LoRA")
-    return config
-
-
 def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
     if lora.peft_path is not None:
-        saved = read_adapter_config(lora.peft_path)
+        saved = read_adapter_config(lora.peft_path, "--peft_path")
         _warn_disagreements(saved, lora)
         try:
             model = PeftModel.from_pretrained(model, lora.peft_path, is_trainable=True)
         except RuntimeError as exc:
             raise ModelError(
-                f"{lora.peft_path}: the adapter does not fit this base model ({str(exc).splitlines()[0]}); "
+                f"{lora.peft_path}: the adapter does not fit this base model ({first_line(exc)}); "
                 "was it trained on another base or vocabulary size?"
             ) from None
     else:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks import model_vocab_size
 from .args import TrainArgs
-from .model import attach_lora, model_vocab_size, replaced_base_modules
+from .model import attach_lora, replaced_base_modules
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}

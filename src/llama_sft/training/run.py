@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
 
+from ..checks import ModelError, check_adapter_dir, check_model_dir, check_vocab, model_vocab_size
 from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from ..data.packing import PackingCollator
@@ -42,15 +43,7 @@ from .checkpoints import (
     last_complete_checkpoint,
     set_aside_old_checkpoints,
 )
-from .model import (
-    ModelError,
-    attach_lora,
-    check_lora_args,
-    check_model_dir,
-    check_vocab,
-    load_base_model,
-    read_adapter_config,
-)
+from .model import attach_lora, check_lora_args, load_base_model
 from .planner import dry_run_report
 from .precision import plan_cpu_precision
 from .saving import LORA_DIR, atomic_dir, write_lora_folder
@@ -239,10 +232,11 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     if args.data.system_prompt is not None:
         template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
     train_files, train_records, eval_files, eval_records = load_data(args, tokenizer, template)
-    check_model_dir(args.model.model_name_or_path, need_weights=not training.dry_run)
-    check_vocab(args.model.model_name_or_path, len(tokenizer), args.model.tokenizer_name_or_path)
+    model_path = args.model.model_name_or_path
+    check_model_dir(model_path, "--model_name_or_path", need_weights=not training.dry_run)
+    check_vocab(model_vocab_size(model_path), len(tokenizer), model_path, args.model.tokenizer_name_or_path)
     if args.lora.peft_path:
-        read_adapter_config(args.lora.peft_path)
+        check_adapter_dir(args.lora.peft_path, "--peft_path")
     resume_from = check_output_dir(args)
     if tokenizer.added_pad:
         logger.warning("the tokenizer has no pad token; added %r as id %d", "<pad>", tokenizer.pad_id)
