@@ -4,14 +4,20 @@ Contract: ``load_records(path) -> list[Record]`` reads one ``.json`` file (a JSO
 or ``.jsonl`` file (one object a line); ``find_data_files(dataset_dir)`` lists a folder's data
 files in a stable order. Every record has string ``instruction`` and ``output`` and an optional
 string ``input`` (missing or null is empty). Anything else raises ``DataError`` naming the file,
-the record index and what to do, before any model is loaded.
+the record index and what to do, before any model is loaded. Text goes through ``text.clean_text``
+(lone surrogates and control characters removed, with one warning per file; NUL refused).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from .text import TextCleaning, UnencodableText
+
+logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
 
@@ -61,7 +67,10 @@ def _keep_duplicates(pairs: list[tuple[str, object]]) -> _Object:
 
 
 def _parse(text: str) -> object:
-    return json.loads(text, object_pairs_hook=_keep_duplicates)
+    try:
+        return json.loads(text, object_pairs_hook=_keep_duplicates)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
 def _read_text(path: Path) -> str:
@@ -119,13 +128,16 @@ def load_records(path: str | Path) -> list[Record]:
             )
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of records, found {type(items).__name__}")
-    records = [_to_record(item, path, index) for index, item in enumerate(items)]
+    cleaning = TextCleaning(str(path))
+    records = [_to_record(item, path, index, cleaning) for index, item in enumerate(items)]
     if not records:
         raise DataError(f"{path}: the file holds no records")
+    if cleaning.summary():
+        logger.warning(cleaning.summary())
     return records
 
 
-def _to_record(item: object, path: Path, index: int) -> Record:
+def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> Record:
     where = f"{path}, record {index}"
     if not isinstance(item, dict):
         raise DataError(
@@ -146,7 +158,10 @@ def _to_record(item: object, path: Path, index: int) -> Record:
             raise DataError(f"{where}: {problem}; every record needs 'instruction' and 'output' strings")
         if not isinstance(value, str):
             raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
-        values[key] = value
+        try:
+            values[key] = cleaning.clean(value, f"record {index}")
+        except UnencodableText as exc:
+            raise DataError(f"{where}: {key!r} {exc}") from None
     if not values["instruction"].strip() and not values["input"].strip():
         raise DataError(f"{where}: 'instruction' and 'input' are both empty; give the record an instruction")
     return Record(**values)

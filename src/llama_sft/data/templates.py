@@ -8,9 +8,15 @@ its adapter (``template.json``) so inference renders prompts exactly as training
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .text import UnencodableText, clean_text
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_FILE = "template.json"
@@ -27,6 +33,24 @@ class Template:
     system_prompt: str | None = None
     followup_prompt: str | None = None
     description: str = ""
+
+    def __post_init__(self):
+        # Every way a template is made (a file, --system_prompt) passes the text policy of text.py.
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not isinstance(value, str):
+                continue
+            try:
+                cleaned = clean_text(value)
+            except UnencodableText as exc:
+                raise TemplateError(f"prompt template {self.name!r}: {item.name!r} {exc}") from None
+            if cleaned != value:
+                logger.warning(
+                    "prompt template %r: removed lone surrogates or control characters from %r",
+                    self.name,
+                    item.name,
+                )
+                object.__setattr__(self, item.name, cleaned)
 
     def render(self, instruction: str, system_prompt: str | None = None) -> str:
         system = self.system_prompt if system_prompt is None else system_prompt
@@ -72,4 +96,9 @@ def load_template(name_or_path: str | Path) -> Template:
     if "{instruction}" not in data["prompt"]:
         raise TemplateError(f"{path}: the template's 'prompt' must contain '{{instruction}}'")
     fields = {k: data[k] for k in ("prompt", "system_prompt", "followup_prompt", "description") if k in data}
+    for key, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise TemplateError(
+                f"{path}: the template's {key!r} must be a string, found {type(value).__name__}"
+            )
     return Template(name=str(data.get("name", path.stem)), **fields)

@@ -44,6 +44,7 @@ from ..checks import (
     model_vocab_size,
 )
 from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from ..data.text import TextCleaning, UnencodableText, clean_text
 from ..data.tokenizer import TextTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -321,6 +322,14 @@ def interactive(
             write("(history cleared)\n")
             continue
         try:
+            cleaned = clean_text(instruction)
+        except UnencodableText as exc:
+            write(f"(not sent: the instruction {exc})\n")
+            continue
+        if cleaned != instruction:
+            logger.warning("removed lone surrogates or control characters from the instruction")
+            instruction = cleaned
+        try:
             answer = generate_ids(
                 model, tokenizer, conversation.prompt(instruction), settings, TextStream(tokenizer, write)
             )
@@ -335,30 +344,55 @@ def interactive(
 
 
 def read_instructions(path: str | Path) -> list[dict]:
-    """``[{"instruction": ..., "input": ...}]`` from an Alpaca JSON/JSONL file or a text file."""
+    """``[{"instruction": ..., "input": ...}]`` from an Alpaca JSON/JSONL file or a text file, its text
+    cleaned by the policy of ``data.text`` (as training's records are)."""
     path = Path(path)
     if not path.is_file():
         raise ChatError(f"{path}: --data_file not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix not in (".json", ".jsonl"):
-        return [{"instruction": line.strip(), "input": ""} for line in text.splitlines() if line.strip()]
     try:
-        if path.suffix == ".json":
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ChatError(
-            f"{path}: not valid JSON ({exc}); give an Alpaca file or one instruction a line (.txt)"
-        ) from None
-    if not isinstance(rows, list):
-        raise ChatError(f"{path}: expected a JSON list of objects with an 'instruction'")
-    items = []
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ChatError(f"{path}: record {number} has no string 'instruction'")
-        items.append({"instruction": row["instruction"], "input": row.get("input") or ""})
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChatError(f"{path}: not valid UTF-8 at byte {exc.start}; re-save the file as UTF-8") from None
+    except OSError as exc:
+        raise ChatError(f"{path}: cannot read --data_file ({exc.strerror})") from None
+    cleaning = TextCleaning(str(path))
+    if path.suffix not in (".json", ".jsonl"):
+        items = [
+            _instruction(path, f"line {number}", cleaning, line.strip(), "")
+            for number, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
+    else:
+        try:
+            if path.suffix == ".json":
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ChatError(
+                f"{path}: not valid JSON ({exc}); give an Alpaca file or one instruction a line (.txt)"
+            ) from None
+        if not isinstance(rows, list):
+            raise ChatError(f"{path}: expected a JSON list of objects with an 'instruction'")
+        items = []
+        for number, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+                raise ChatError(f"{path}: record {number} has no string 'instruction'")
+            if not isinstance(row.get("input") or "", str):
+                raise ChatError(f"{path}: record {number}: 'input' must be a string")
+            items.append(
+                _instruction(path, f"record {number}", cleaning, row["instruction"], row.get("input") or "")
+            )
+    if cleaning.summary():
+        logger.warning(cleaning.summary())
     return items
+
+
+def _instruction(path: Path, item: str, cleaning: TextCleaning, instruction: str, input_: str) -> dict:
+    try:
+        return {"instruction": cleaning.clean(instruction, item), "input": cleaning.clean(input_, item)}
+    except UnencodableText as exc:
+        raise ChatError(f"{path}, {item}: {exc}") from None
 
 
 def predict_file(
@@ -455,6 +489,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
             )
             print(f"{len(predictions)} answers written to {args.predictions_file}")
         else:
+            if stdin is None and hasattr(sys.stdin, "reconfigure"):
+                # Bytes that are not UTF-8 arrive as lone surrogates, which the text policy removes.
+                sys.stdin.reconfigure(errors="surrogateescape")
             interactive(
                 model, tokenizer, template, settings, budget, stdin or sys.stdin, stdout or sys.stdout
             )
