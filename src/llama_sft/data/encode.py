@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .records import DataError, Record
-from .templates import Template
+from .templates import Template, prompt_ids
 from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ ENCODING_VERSION = 1
 def encode_record(
     record: Record, template: Template, tokenizer: TextTokenizer, max_seq_length: int
 ) -> tuple[list[int], list[int], str]:
-    prompt = [tokenizer.bos_id] + tokenizer.encode(template.render(record.full_instruction))
+    prompt = prompt_ids(template, tokenizer, record.full_instruction)
     response = tokenizer.encode(record.output) + [tokenizer.eos_id]
     return _join(prompt, response, max_seq_length)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,6 +70,33 @@ class Template:
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / TEMPLATE_FILE
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def prompt_ids(
+    template: Template,
+    tokenizer,
+    instruction: str,
+    history: Sequence[tuple[str, str | list[int]]] = (),
+    system_prompt: str | None = None,
+) -> list[int]:
+    """The token ids the model sees before its answer to ``instruction``, after the earlier turns.
+
+    The one renderer of prompts as ids, for training's prompts, ``chat`` and the server. ``history``
+    holds the earlier ``(instruction, answer)`` turns, oldest first; an answer is text (encoded here)
+    or the ids generated for it (used as they are). The result is ``[BOS] + encode(render(first,
+    system_prompt)) + answer + [EOS]``, then ``[BOS] + encode(render_followup(next)) + answer + [EOS]``
+    per later turn, then the new instruction's turn in the same form: with no history, exactly what
+    training puts before a response. ``tokenizer`` needs ``encode``, ``bos_id`` and ``eos_id``; a
+    history with a template that has no multi-turn format is a ``TemplateError``.
+    """
+    ids: list[int] = []
+    for position, (text, answer) in enumerate([*history, (instruction, None)]):
+        prompt = template.render(text, system_prompt) if position == 0 else template.render_followup(text)
+        ids += [tokenizer.bos_id] + tokenizer.encode(prompt)
+        if answer is not None:
+            answer_ids = tokenizer.encode(answer) if isinstance(answer, str) else list(answer)
+            ids += answer_ids + [tokenizer.eos_id]
+    return ids
 
 
 def builtin_names() -> list[str]:

@@ -43,7 +43,7 @@ from ..checks import (
     has_tokenizer,
     model_vocab_size,
 )
-from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template, prompt_ids
 from ..data.text import TextCleaning, UnencodableText, clean_text
 from ..data.tokenizer import TextTokenizer, TokenizerError
 
@@ -244,21 +244,10 @@ class Conversation:
     def multi_turn(self) -> bool:
         return self.template.followup_prompt is not None
 
-    def _turn_ids(self, position: int, instruction: str) -> list[int]:
-        # The first kept turn carries the full prompt (system prompt included), later ones the short form.
-        text = (
-            self.template.render(instruction) if position == 0 else self.template.render_followup(instruction)
-        )
-        return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
-
     def prompt(self, instruction: str) -> list[int]:
         history = self.turns if self.multi_turn else []
         for start in range(len(history) + 1):
-            kept = history[start:]
-            ids = []
-            for position, (previous, answer) in enumerate(kept):
-                ids += self._turn_ids(position, previous) + answer + [self.tokenizer.eos_id]
-            ids += self._turn_ids(len(kept), instruction)
+            ids = prompt_ids(self.template, self.tokenizer, instruction, history[start:])
             if len(ids) <= self.max_prompt_tokens:
                 if start:
                     logger.info("dropped the %d oldest turn(s) to fit the context", start)
