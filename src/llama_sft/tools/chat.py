@@ -106,14 +106,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(
-    base_model: str | Path, lora_model: str | Path | None, device: torch.device, dtype: str = "auto"
+    base_model: str | Path,
+    lora_model: str | Path | list[str | Path] | None,
+    device: torch.device,
+    dtype: str = "auto",
 ):
+    """The base with the LoRA (or several, applied in the order given, as merge does) merged in."""
     from transformers import AutoModelForCausalLM
 
     base = Path(base_model)
     check_model_dir(base, "--base_model")
-    if lora_model is not None:
-        check_adapter_dir(lora_model, "--lora_model")
+    loras = [] if lora_model is None else lora_model if isinstance(lora_model, list) else [lora_model]
+    for lora in loras:
+        check_adapter_dir(lora, "--lora_model")
     if dtype == "auto":
         # float16 matrix products are very slow on a CPU; on a GPU half precision halves memory.
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -125,10 +130,9 @@ def load_model(
         raise ModelError(
             f"{base}: cannot load the model ({first_line(exc)}); re-save it with save_pretrained"
         ) from None
-    if lora_model is not None:
+    for lora in map(Path, loras):
         from peft import PeftModel
 
-        lora = Path(lora_model)
         rows = adapter_vocab_rows(lora, "--lora_model")
         if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
             # The saved embed_tokens/lm_head replace these rows, so how they are initialised is moot.
