@@ -9,6 +9,7 @@ flags given after it override. Spellings that transformers 5 renamed are accepte
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,4 +329,45 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
         raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:
         model.tokenizer_name_or_path = model.model_name_or_path
+    check_numbers(data, lora, training)
     return TrainArgs(model, data, lora, training)
+
+
+# flag: (smallest allowed value, whether the smallest is allowed, what is usual); None values are defaults.
+NUMBER_RANGES = {
+    "per_device_train_batch_size": (1, True, "1-8"),
+    "per_device_eval_batch_size": (1, True, "1-8"),
+    "gradient_accumulation_steps": (1, True, "1-32"),
+    "preprocessing_num_workers": (1, True, "the number of CPU cores"),
+    "max_tokens_per_pass": (1, True, "a few thousand"),
+    "validation_split_percentage": (0, True, "0.05"),
+    "lora_alpha": (0, False, "twice --lora_rank"),
+    "learning_rate": (0, True, "1e-4"),
+    "weight_decay": (0, True, "0"),
+    "warmup_steps": (0, True, "0.03"),
+    "num_train_epochs": (0, True, "1-3"),
+    "logging_steps": (0, False, "10"),
+    "save_steps": (0, False, "100-1000"),
+    "eval_steps": (0, False, "100-1000"),
+    "seed": (0, True, "42"),
+}
+
+
+def check_numbers(data: DataArguments, lora: LoraArguments, training: SftTrainingArguments) -> None:
+    """Numbers out of range fail here with the flag named, not as a traceback hours into the run."""
+    for group in (data, lora, training):
+        for name, (lowest, inclusive, usual) in NUMBER_RANGES.items():
+            value = getattr(group, name, None)
+            if value is None:
+                continue
+            fits = value >= lowest if inclusive else value > lowest
+            if not math.isfinite(value) or not fits:
+                bound = f"at least {lowest}" if inclusive else f"above {lowest}"
+                raise ArgumentError(f"--{name} {value}: must be a finite number {bound} ({usual} is usual)")
+    if data.validation_split_percentage >= 100:
+        raise ArgumentError(
+            f"--validation_split_percentage {data.validation_split_percentage}: give a fraction below 1 "
+            "or a percentage below 100"
+        )
+    if training.seed >= 2**32:
+        raise ArgumentError(f"--seed {training.seed}: must be below 2**32 (42 is usual)")

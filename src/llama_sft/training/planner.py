@@ -23,7 +23,7 @@ import torch
 
 from ..checks import model_vocab_size
 from .args import TrainArgs
-from .model import attach_lora, replaced_base_modules
+from .model import attach_lora, check_lora_args, replaced_base_modules
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}
@@ -46,6 +46,8 @@ def build_meta_model(args: TrainArgs, tokenizer_size: int) -> torch.nn.Module:
         if tokenizer_size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(tokenizer_size, mean_resizing=False)
         if args.lora.peft_path is None:
+            # The same checks as a real run, so that a bad LoRA flag is one line here too.
+            check_lora_args(model, args.lora)
             model = attach_lora(model, args.lora)
     return model
 
