@@ -44,12 +44,19 @@ def cmd_chat(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_serve(argv: list[str]) -> None:
+    from .tools.serve import main
+
+    main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "demo": cmd_demo,
     "merge": cmd_merge,
     "merge-tokenizer": cmd_merge_tokenizer,
     "chat": cmd_chat,
+    "serve": cmd_serve,
 }
 
 
