@@ -12,8 +12,11 @@ folder (``model.safetensors``, ``pytorch_model.bin`` or a sharded index of eithe
   with the q/k rows in Meta's rotary order.
 
 LoRAs apply in the order given: a full tensor (``modules_to_save``: ``embed_tokens``/``lm_head``)
-replaces what came before, low-rank deltas ``B @ A * scaling`` add up. Every file is read and every
-shape checked before anything is written; the output folder appears only when complete.
+replaces what came before, low-rank deltas ``B @ A * scaling`` add up (``scaling`` is alpha/r, or
+alpha/sqrt(r) for rsLoRA). A DoRA adapter then rescales each output feature of ``W + delta`` to its
+trained magnitude: ``W' = m * (W + delta) / ||W + delta||``, the norm taken over the input features,
+as PEFT merges it. Every file is read and every shape checked before anything is written; the output
+folder appears only when complete.
 
 Memory: the base is streamed one shard at a time and each merged tensor is written as soon as it is
 computed, so the peak is about the largest base shard plus the adapters (see docs/merge_and_chat.md).
@@ -208,6 +211,8 @@ class LowRank:
     scaling: float
     # Linear: delta = B @ A (transposed for fan_in_fan_out); embedding: delta = (B @ A).T
     transpose: bool
+    # DoRA: the trained norm of each output feature (B's rows), or None for a plain LoRA.
+    magnitude: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -225,6 +230,7 @@ class Adapter:
 
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<ab>[AB])(?:\.[^.]+)?(?:\.weight)?$")
+_DORA = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
@@ -239,10 +245,11 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
     folder = Path(folder)
     config, weights_file = check_adapter_dir(folder, "--lora_model")
     config_file = folder / ADAPTER_CONFIG
-    # PEFT can load these variants, but their update is not B @ A alone: refused rather than mis-merged.
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise ModelError(f"{config_file}: {flag} is set; llama-sft merges plain LoRAs only")
+    # PEFT can load this variant, but its update is not B @ A alone: refused rather than mis-merged.
+    if config.get("lora_bias"):
+        raise ModelError(
+            f"{config_file}: lora_bias is set; llama-sft merges LoRA and DoRA adapters without it"
+        )
     if config.get("trainable_token_indices"):
         raise ModelError(
             f"{config_file}: trainable_token_indices adapters are not supported by llama-sft merge"
@@ -260,6 +267,7 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
 
     adapter = Adapter(folder, weights_file, config)
     pairs: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     full: dict[str, Replace] = {}
     for name, tensor in tensors.items():
         key = name.removeprefix(PEFT_PREFIX)
@@ -267,10 +275,10 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
         if match:
             pairs.setdefault((match["module"], bool(match["embedding"])), {})[match["ab"]] = tensor
             continue
-        if "lora_magnitude_vector" in key:
-            raise ModelError(
-                f"{weights_file}: holds DoRA weights ({name}); llama-sft merges plain LoRAs only"
-            )
+        match = _DORA.match(key)
+        if match:
+            magnitudes[match["module"]] = tensor
+            continue
         if ".original_module." in key:
             # PEFT also saves the untouched base copy of a resized modules_to_save layer; not an update.
             continue
@@ -284,6 +292,12 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
         adapter.ops[key] = [op]
     if not pairs:
         raise ModelError(f"{weights_file}: holds no LoRA weights (lora_A/lora_B); is it a LoRA adapter?")
+    dora = bool(config.get("use_dora"))
+    if magnitudes and not dora:
+        raise ModelError(
+            f"{weights_file}: holds DoRA magnitudes but {config_file} has no use_dora: true; "
+            "save the adapter config and weights together again"
+        )
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
     for (module, embedding), ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -305,7 +319,21 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
             )
         scaling = module_alpha / math.sqrt(r) if config.get("use_rslora") else module_alpha / r
         transpose = embedding or bool(config.get("fan_in_fan_out"))
-        adapter.ops.setdefault(f"{module}.weight", []).append(LowRank(ab["A"], ab["B"], scaling, transpose))
+        magnitude = magnitudes.pop(module, None)
+        if dora and (magnitude is None or magnitude.numel() != ab["B"].shape[0]):
+            found = "none" if magnitude is None else f"{magnitude.numel()} values"
+            raise ModelError(
+                f"{weights_file}: {module}: a DoRA adapter needs a lora_magnitude_vector of "
+                f"{ab['B'].shape[0]} values (found {found}); re-save the adapter"
+            )
+        adapter.ops.setdefault(f"{module}.weight", []).append(
+            LowRank(ab["A"], ab["B"], scaling, transpose, magnitude)
+        )
+    if magnitudes:
+        raise ModelError(
+            f"{weights_file}: {next(iter(magnitudes))} has a DoRA magnitude but no lora_A/lora_B; "
+            "re-save the adapter"
+        )
     for key in adapter.ops:
         if key not in base.shapes:
             raise ModelError(
@@ -406,6 +434,12 @@ def merged_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter]) -> to
             current.addmm_(left, right, alpha=op.scaling)
         else:
             current, owned = torch.addmm(current.float(), left, right, alpha=op.scaling), True
+        if op.magnitude is not None:
+            # DoRA, in place: an output feature is a row of the weight, or a column when it is stored
+            # transposed; the norm is of the weight this adapter was trained on plus its delta.
+            inputs = 0 if op.transpose else 1
+            norm = torch.linalg.vector_norm(current, dim=inputs, keepdim=True)
+            current.mul_(op.magnitude.float().view(norm.shape) / norm)
     return current.to(tensor.dtype).contiguous()
 
 

@@ -117,6 +117,19 @@ class LoraArguments:
     peft_path: str | None = field(
         default=None, metadata={"help": "An existing LoRA folder to continue training (its own config wins)."}
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA: each adapted weight gets a trained magnitude per output row on top of the LoRA "
+            "update (slower steps, a few more parameters)."
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={
+            "help": "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (for large ranks)."
+        },
+    )
 
     @property
     def target_modules(self) -> list[str]:

@@ -3,8 +3,9 @@
 Contract: ``load_base_model(model_args, tokenizer_size, dtype)`` returns a causal LM whose
 embedding has one row per tokenizer id (resized up when the tokenizer is larger; the checks in
 ``llama_sft.checks`` refuse a smaller one). ``attach_lora(model, lora_args)`` returns a
-``PeftModel`` whose trainable parameters are exactly the LoRA matrices and ``modules_to_save``, in
-float32, with the base frozen: stock transformers and PEFT modules. With ``peft_path`` the saved
+``PeftModel`` whose trainable parameters are exactly the LoRA matrices (with ``use_dora``, DoRA's
+magnitudes too) and ``modules_to_save``, in float32, with the base frozen: stock transformers and PEFT
+modules (``use_rslora`` scales by alpha/sqrt(r)). With ``peft_path`` the saved
 adapter is loaded trainable and its own configuration wins. ``serving_module`` says which module
 runs in place of a ``modules_to_save`` wrapper.
 """
@@ -100,6 +101,8 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
             lora_dropout=lora.lora_dropout,
             target_modules=lora.target_modules,
             modules_to_save=lora.modules_to_save_list,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
             inference_mode=False,
         )
         model = get_peft_model(model, config)
@@ -140,13 +143,16 @@ def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
         "lora_dropout": lora.lora_dropout,
         "target_modules": sorted(lora.target_modules),
         "modules_to_save": sorted(lora.modules_to_save_list or []),
+        "use_dora": lora.use_dora,
+        "use_rslora": lora.use_rslora,
     }
     for key, value in given.items():
         stored = saved.get(key)
         if isinstance(stored, list | tuple | set):
             stored = sorted(stored)
-        elif stored is None and key == "modules_to_save":
-            stored = []
+        elif stored is None:
+            # Absent (e.g. from configs written before PEFT had the option): the option is off.
+            stored = {"modules_to_save": [], "use_dora": False, "use_rslora": False}.get(key)
         if stored != value and not (
             isinstance(value, float) and stored is not None and float(stored) == value
         ):
