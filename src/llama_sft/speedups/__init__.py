@@ -135,7 +135,7 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
 
     from .attention import PACKED_SDPA
 
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model or not
     attn = base.config._attn_implementation
     if decide(
         "packed_attention",
@@ -169,7 +169,11 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
     if decide(
         "fused_lora",
         counts["lora_linears"] > 0,
-        "ZeRO-3 gathers LoRA weights inside their own modules" if zero3 else "no LoRA Linear layer",
+        "ZeRO-3 gathers LoRA weights inside their own modules"
+        if zero3
+        else "k-bit LoRA layers are bitsandbytes'"
+        if args.model.load_in_kbits != 16
+        else "no LoRA Linear layer",
     ):
         report["fused_lora"] += f" ({counts['lora_linears']} layers)"
     decide(
@@ -205,11 +209,13 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
 
     callbacks = []
     sharded = bool(training.deepspeed or training.fsdp)
-    replaced = bool(args.lora.modules_to_save_list) or bool(args.lora.peft_path)
+    replaced = hasattr(model, "get_base_model") and (
+        bool(args.lora.modules_to_save_list) or bool(args.lora.peft_path)
+    )
     if decide(
         "free_replaced_weights",
         replaced and not sharded,
-        "DeepSpeed or FSDP owns the weights" if sharded else "no modules_to_save",
+        "DeepSpeed or FSDP owns the weights" if sharded else "no modules_to_save copies",
     ):
         callbacks.append(DropReplacedBaseWeights())
     trim = ReturnFreedMemory(under_bf16_autocast=training.bf16 or autocast_dtype is not None)

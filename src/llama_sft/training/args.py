@@ -48,6 +48,20 @@ class ModelArguments:
         default=False,
         metadata={"help": "Run Python code shipped in the model folder. Off: only for models you trust."},
     )
+    load_in_kbits: int = field(
+        default=16,
+        metadata={
+            "help": "Bits of the frozen base weights: 4 (QLoRA, NF4 or FP4), 8 (LLM.int8) or 16 (no quantisation). "
+            "The modules in --modules_to_save stay unquantised. Needs bitsandbytes."
+        },
+    )
+    quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (default) or fp4.", "choices": ["nf4", "fp4"]}
+    )
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "4-bit: quantise the quantisation constants too (about 0.4 bits a weight less)."},
+    )
 
 
 @dataclass
@@ -161,6 +175,13 @@ class SftTrainingArguments(TrainingArguments):
             "choices": ["stop", "skip"],
         },
     )
+    full_finetuning: bool = field(
+        default=False,
+        metadata={
+            "help": "Train every weight instead of a LoRA (the LoRA flags are then ignored); the output is a "
+            "complete model folder, OUTPUT_DIR/sft_full_model."
+        },
+    )
     speedups: str = field(
         default="auto",
         metadata={
@@ -257,8 +278,11 @@ def translate_legacy(argv: list[str]) -> list[str]:
 def yaml_to_argv(path: str | Path) -> list[str]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ArgumentError(f"{path}: cannot read the --config YAML file: {exc}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        # YAML's messages span lines (the problem, then where); the error is one line.
+        raise ArgumentError(
+            f"{path}: cannot read the --config YAML file: {' '.join(str(exc).split())}"
+        ) from None
     if not isinstance(data, dict):
         raise ArgumentError(f"{path}: a --config file is a mapping of argument names to values")
     argv = []

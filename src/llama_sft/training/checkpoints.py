@@ -1,7 +1,8 @@
 """Checkpoints that survive crashes: which ones are complete, which to resume, which to delete.
 
 Contract:
-- A checkpoint ``checkpoint-N`` is *complete* when its ``sft_lora_model/`` exists: that folder is
+- A checkpoint ``checkpoint-N`` is *complete* when its ``sft_lora_model/`` (``sft_full_model/``
+  after full fine-tuning, its weights hard links to the checkpoint's own) exists: that folder is
   renamed into place after the Trainer has written everything else (weights, optimizer, scheduler,
   RNG states, trainer_state.json), so a crash mid-save leaves an incomplete folder that
   ``last_complete_checkpoint`` skips with a message.
@@ -17,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import signal
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .saving import LORA_DIR, atomic_dir, write_lora_folder
+from .saving import FULL_DIR, LORA_DIR, OUTPUT_DIRS, atomic_dir, write_lora_folder, write_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / LORA_DIR).is_dir() and (checkpoint / "trainer_state.json").is_file()
+    done = any((checkpoint / name).is_dir() for name in OUTPUT_DIRS)
+    return done and (checkpoint / "trainer_state.json").is_file()
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -82,8 +85,16 @@ def set_aside_old_checkpoints(output_dir: Path) -> list[Path]:
 
 class CheckpointCallback(TrainerCallback):
     def __init__(
-        self, tokenizer, template, run_args: dict, safetensors: bool, keep: int | None, resumed: str | None
+        self,
+        tokenizer,
+        template,
+        run_args: dict,
+        safetensors: bool,
+        keep: int | None,
+        resumed: str | None,
+        full: bool = False,
     ):
+        self.full = full
         self.tokenizer, self.template, self.run_args, self.safetensors = (
             tokenizer,
             template,
@@ -97,10 +108,24 @@ class CheckpointCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        with atomic_dir(checkpoint / LORA_DIR) as tmp:
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copyfile(checkpoint / name, tmp / name)
-            write_lora_folder(tmp, self.tokenizer, self.template, self.run_args, self.safetensors)
+        if self.full:
+            # Hard links: the checkpoint's weights serve as the model folder without a second copy.
+            with atomic_dir(checkpoint / FULL_DIR) as tmp:
+                for item in checkpoint.iterdir():
+                    if item.is_file() and (
+                        item.suffix in (".safetensors", ".bin") or item.name.endswith("config.json")
+                    ):
+                        if item.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")):
+                            continue
+                        os.link(item, tmp / item.name)
+                for item in checkpoint.glob("model*.index.json"):
+                    os.link(item, tmp / item.name)
+                write_model_folder(tmp, self.tokenizer, self.template, self.run_args)
+        else:
+            with atomic_dir(checkpoint / LORA_DIR) as tmp:
+                for name in ("adapter_model.safetensors", "adapter_config.json"):
+                    shutil.copyfile(checkpoint / name, tmp / name)
+                write_lora_folder(tmp, self.tokenizer, self.template, self.run_args, self.safetensors)
         for old in Path(args.output_dir).glob(f"checkpoint-*{SUPERSEDED}"):
             shutil.rmtree(old, ignore_errors=True)
         self.rotate(Path(args.output_dir), state.best_model_checkpoint)

@@ -24,9 +24,84 @@ from .args import ArgumentError, LoraArguments, ModelArguments
 logger = logging.getLogger(__name__)
 
 
-def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtype) -> torch.nn.Module:
+KBITS = (4, 8, 16)
+
+
+def check_training_mode(args) -> None:
+    """Refuse a k-bit or full fine-tuning set-up that cannot work, before any weight is loaded."""
+    from .planner import zero_stage
+
+    kbits, training = args.model.load_in_kbits, args.training
+    if kbits not in KBITS:
+        raise ArgumentError(
+            f"--load_in_kbits {kbits}: supported are 4 (QLoRA: NF4 or FP4), 8 (LLM.int8) and 16 (no quantisation)"
+        )
+    if training.full_finetuning and args.lora.peft_path:
+        raise ArgumentError(
+            "--full_finetuning with --peft_path: a LoRA cannot be continued by training every weight; "
+            "merge it first (llama-sft merge), then fine-tune the merged model"
+        )
+    if kbits == 16:
+        return
+    if training.full_finetuning:
+        raise ArgumentError(
+            f"--load_in_kbits {kbits} with --full_finetuning: quantised weights cannot be trained; use "
+            "--load_in_kbits 16 for full fine-tuning, or drop --full_finetuning to train a QLoRA adapter"
+        )
+    if zero_stage(training.deepspeed) == 3:
+        raise ArgumentError(
+            f"--load_in_kbits {kbits} with DeepSpeed ZeRO-3: ZeRO-3 shards the weights, which quantised layers "
+            "cannot be; use ds_zero2_no_offload.json or no --deepspeed"
+        )
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        raise ArgumentError(
+            f"--load_in_kbits {kbits} needs bitsandbytes: pip install bitsandbytes==0.50.2 "
+            "(or --load_in_kbits 16)"
+        ) from None
+    try:  # a build without kernels for this device fails here, not after the weights are loaded
+        bnb_functional.quantize_4bit(torch.ones(64, 64, device=training.device))
+    except Exception as exc:  # any failure of the probe means the same: no k-bit layers here
+        raise ArgumentError(
+            f"--load_in_kbits {kbits}: bitsandbytes cannot run on this {training.device.type} "
+            f"({first_line(exc)}); use --load_in_kbits 16"
+        ) from None
+
+
+def quantization_config(args: ModelArguments, compute_dtype: torch.dtype, keep: list[str] | None):
+    """transformers' BitsAndBytesConfig for --load_in_kbits 4 or 8; None for 16. ``keep`` (the
+    modules trained in full) stay unquantised, as the original scripts kept them."""
+    if args.load_in_kbits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=args.load_in_kbits == 4,
+        load_in_8bit=args.load_in_kbits == 8,
+        llm_int8_threshold=6.0,
+        llm_int8_skip_modules=keep,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=args.double_quant,
+        bnb_4bit_quant_type=args.quant_type,
+    )
+
+
+def load_base_model(
+    args: ModelArguments,
+    tokenizer_size: int,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float32,
+    keep_unquantised: list[str] | None = None,
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(args, compute_dtype, keep_unquantised)
+    extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        if torch.cuda.is_available():  # quantised weights are placed when loaded; they cannot move later
+            extra["device_map"] = {"": torch.cuda.current_device()}
     # transformers' sdpa attention keeps the records of a packed row apart by their position_ids.
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path,
@@ -34,6 +109,7 @@ def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtyp
         attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code,
         use_safetensors=None,
+        **extra,
     )
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer_size > rows:
@@ -45,6 +121,29 @@ def load_base_model(args: ModelArguments, tokenizer_size: int, dtype: torch.dtyp
             tokenizer_size,
         )
         model.resize_token_embeddings(tokenizer_size, mean_resizing=True)
+    return model
+
+
+def prepare_kbit(
+    model: torch.nn.Module, gradient_checkpointing: bool, checkpointing_kwargs
+) -> torch.nn.Module:
+    """PEFT's preparation of a quantised model for training (norms and unquantised modules in
+    float32, inputs that require grad for checkpointing)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=checkpointing_kwargs,
+    )
+
+
+def make_fully_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight trains, in float32 (as LoRA weights do: see attach_lora)."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
     return model
 
 

@@ -43,10 +43,17 @@ from .checkpoints import (
     last_complete_checkpoint,
     set_aside_old_checkpoints,
 )
-from .model import attach_lora, check_lora_args, load_base_model
+from .model import (
+    attach_lora,
+    check_lora_args,
+    check_training_mode,
+    load_base_model,
+    make_fully_trainable,
+    prepare_kbit,
+)
 from .planner import dry_run_report
 from .precision import plan_cpu_precision
-from .saving import LORA_DIR, atomic_dir, write_lora_folder
+from .saving import atomic_dir, output_name, write_lora_folder, write_model_folder
 from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
@@ -226,6 +233,13 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         # none and backward fails ("element 0 of tensors does not require grad").
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
+    check_training_mode(args)
+    if training.full_finetuning:
+        logger.warning(
+            "--full_finetuning: every weight trains; the LoRA flags (--lora_rank, --lora_alpha, --lora_dropout, "
+            "--trainable, --modules_to_save) are ignored"
+        )
+
     # 2. Tokenizer, template and data: validated before any model is loaded.
     tokenizer = TextTokenizer.load(args.model.tokenizer_name_or_path)
     template = load_template(args.data.prompt_template)
@@ -296,14 +310,30 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     # from the global RNG).
     transformers.set_seed(training.seed)
 
+    compute_dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    full = training.full_finetuning
+
     def build_model():
-        model = load_base_model(args.model, len(tokenizer), resolve_dtype(args.model.torch_dtype))
+        model = load_base_model(
+            args.model,
+            len(tokenizer),
+            resolve_dtype(args.model.torch_dtype),
+            compute_dtype,
+            keep_unquantised=args.lora.modules_to_save_list,
+        )
+        if full:
+            return make_fully_trainable(model)
         check_lora_args(model, args.lora)
+        if args.model.load_in_kbits != 16:
+            model = prepare_kbit(
+                model, training.gradient_checkpointing, training.gradient_checkpointing_kwargs
+            )
         return attach_lora(model, args.lora)
 
     fast = speedups.apply(args, build_model)
     model = fast.model
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
@@ -331,7 +361,9 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         data_collator=PackingCollator() if args.data.packing else Collator(tokenizer.pad_id),
         callbacks=[
             *(callbacks or []),
-            CheckpointCallback(tokenizer, template, run_args, training.save_safetensors, keep, resume_from),
+            CheckpointCallback(
+                tokenizer, template, run_args, training.save_safetensors, keep, resume_from, full=full
+            ),
             stop,
             FiniteGradCallback(training.nan_policy),
             *fast.callbacks,
@@ -357,23 +389,27 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    # 6. Save the ready-to-merge LoRA, atomically.
-    lora_dir = out / LORA_DIR
+    # 6. Save the ready-to-merge LoRA (or, after full fine-tuning, the whole model), atomically.
+    name = output_name(full)
+    final_dir = out / name
     if training.do_train:
-        tmp = out / f".{LORA_DIR}.trainer-{os.getpid()}"
+        tmp = out / f".{name}.trainer-{os.getpid()}"
         trainer.save_model(str(tmp))
         if trainer.is_world_process_zero():
-            with atomic_dir(lora_dir) as staging:
+            with atomic_dir(final_dir) as staging:
                 for item in tmp.iterdir():
                     if item.name != "training_args.bin":
                         shutil.move(str(item), staging / item.name)
-                write_lora_folder(staging, tokenizer, template, run_args, training.save_safetensors)
+                if full:
+                    write_model_folder(staging, tokenizer, template, run_args)
+                else:
+                    write_lora_folder(staging, tokenizer, template, run_args, training.save_safetensors)
             shutil.rmtree(tmp, ignore_errors=True)
             plot_losses(trainer.state.log_history, out / "loss_curve.png")
             (out / "data_stats.json").write_text(json.dumps(run_args["data_stats"], indent=2) + "\n")
-            logger.info("LoRA ready for merging: %s", lora_dir)
+            logger.info("%s: %s", "model ready for chat" if full else "LoRA ready for merging", final_dir)
     trainer.accelerator.wait_for_everyone()
-    return lora_dir
+    return final_dir
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:

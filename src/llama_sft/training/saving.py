@@ -3,7 +3,9 @@
 Contract: ``with atomic_dir(final) as tmp:`` yields an empty sibling folder; when the block ends
 without error, ``tmp`` replaces ``final`` (the previous ``final`` survives until the new one is
 complete); on error ``tmp`` is removed and ``final`` is untouched. ``write_lora_folder`` fills a
-folder with what ``sft_lora_model`` must hold beside the adapter weights.
+folder with what ``sft_lora_model`` must hold beside the adapter weights; ``write_model_folder``
+what ``sft_full_model`` (a complete Hugging Face model folder, after full fine-tuning) must hold
+beside the model's weights and config. ``output_name(full)`` is the name of either.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..data.templates import Template
 from ..data.tokenizer import TextTokenizer
 
 LORA_DIR = "sft_lora_model"
+FULL_DIR = "sft_full_model"
+OUTPUT_DIRS = (LORA_DIR, FULL_DIR)
 ARGS_FILE = "training_args.json"
 
 
@@ -59,6 +63,10 @@ def adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
 
 
+def output_name(full: bool) -> str:
+    return FULL_DIR if full else LORA_DIR
+
+
 def write_lora_folder(
     folder: Path, tokenizer: TextTokenizer, template: Template, run_args: dict, safetensors: bool = True
 ) -> None:
@@ -69,6 +77,20 @@ def write_lora_folder(
     if not safetensors:
         torch.save(tensors, folder / "adapter_model.bin")
         (folder / "adapter_model.safetensors").unlink()
+    tokenizer.save(folder)
+    template.save(folder)
+    (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def write_model_folder(folder: Path, tokenizer: TextTokenizer, template: Template, run_args: dict) -> None:
+    """Complete a folder that already holds a whole model (as ``Trainer.save_model`` writes it after
+    full fine-tuning): tokenizer, template and the run's arguments, so chat and merge read it alone."""
+    if (
+        not (folder / "config.json").is_file()
+        or not any(folder.glob("model*.safetensors"))
+        and not any(folder.glob("pytorch_model*.bin"))
+    ):
+        raise RuntimeError(f"{folder}: the saved model has no config.json or weights; refusing to publish it")
     tokenizer.save(folder)
     template.save(folder)
     (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
