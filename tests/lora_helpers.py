@@ -109,7 +109,10 @@ def write_lora(
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            if "lora_magnitude_vector" in name:
+                # DoRA starts from the norms of the weight's rows; a trained one moves them a little.
+                param.mul_(1 + 0.3 * torch.rand_like(param))
+            elif "lora_" in name or "modules_to_save" in name:
                 param.copy_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(str(out), safe_serialization=fmt == "safetensors")
     return out

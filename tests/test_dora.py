@@ -24,17 +24,7 @@ from llama_sft.training.run import train
 
 
 def write_dora(base, out, **kwargs):
-    lora = write_lora(base, out, use_dora=True, **kwargs)
-    # write_lora draws every lora_* tensor at random, the magnitudes too; give them realistic values
-    # (the norms of the weight rows, changed by up to 30%) so that the merged weights stay sane.
-    weights = lora / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    generator = torch.Generator().manual_seed(3)
-    for name, tensor in tensors.items():
-        if name.endswith("lora_magnitude_vector"):
-            tensors[name] = 0.12 * (1 + 0.3 * torch.rand(tensor.shape, generator=generator))
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    return lora
+    return write_lora(base, out, use_dora=True, **kwargs)
 
 
 def unmerged_logits(base, lora, vocab):

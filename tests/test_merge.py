@@ -314,15 +314,18 @@ MEMORY_PROBE = textwrap.dedent(
 )
 
 
-def test_merge_peak_memory_is_about_one_shard(tmp_path):
-    """Peak RSS growth stays near one shard, far below the whole model (6 shards)."""
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_peak_memory_is_about_one_shard(tmp_path, use_dora):
+    """Peak RSS growth stays near one shard, far below the whole model (6 shards), for DoRA too."""
     base = tmp_path / "base"
     shards = 6
     # hidden 768 x 8 layers, float32: ~180 MB in all, ~30 MB a shard.
     state = write_base(base, vocab=256, hidden=768, layers=8, heads=12, shards=shards)
     total = sum(v.numel() * v.element_size() for v in state.values())
     del state
-    lora = write_lora(base, tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], r=8)
+    lora = write_lora(
+        base, tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], r=8, use_dora=use_dora
+    )
     largest = max(p.stat().st_size for p in base.glob("model-*.safetensors"))
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
