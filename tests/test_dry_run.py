@@ -77,3 +77,39 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert result is None
     assert "trainable params:" in printed and "estimated peak" in printed and "training examples" in printed
     assert not out.exists()
+
+
+def test_kbit_and_full_finetuning_plans(tmp_path):
+    """4-bit: the seven projections of LLaMA-7B's 32 layers are quantised (embed_tokens and lm_head
+    are trained in full and stay as they are); full fine-tuning trains all 6.7B weights, its
+    weights, gradients and Adam states sharded by ZeRO-3 across 8 processes."""
+    from llama_sft.training.planner import KBIT_BYTES, quantised_weights
+
+    folder = llama_config(tmp_path / "7b", 32000, 4096, 11008, 32, 32)
+    base = ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    lora = ["--trainable", ",".join(SEVEN), "--modules_to_save", "embed_tokens,lm_head"]
+    model = build_meta_model(parse_train_args(base + lora + ["--load_in_kbits", "4"]), 32000)
+    quantised = quantised_weights(model, ["embed_tokens", "lm_head"])
+    assert quantised == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) == 6_476_005_376
+
+    def plan(model, **kw):
+        settings = dict(
+            load_dtype=torch.float16, compute_dtype=torch.float16, tokens_per_pass=512,
+            labelled_tokens_per_pass=256, gradient_checkpointing=False, zero=0, frees_base_copies=True,
+            world_size=1, device="cuda",
+        )  # fmt: skip
+        return estimate_memory(model, **{**settings, **kw}).parts
+
+    sixteen, four = plan(model), plan(model, kbits=4, keep_unquantised=["embed_tokens", "lm_head"])
+    assert (
+        four["frozen weights"]
+        == int(quantised * KBIT_BYTES[4, True]) + (sixteen["frozen weights"] // 2 - quantised) * 4
+    )
+    assert four["frozen weights"] < sixteen["frozen weights"] / 3
+
+    full = build_meta_model(parse_train_args(base + ["--full_finetuning"]), 32000)
+    trainable, total = count_parameters(full)
+    assert trainable == total == 6_738_415_616
+    parts = plan(full, zero=3, world_size=8)
+    assert parts["frozen weights"] == 0
+    assert parts["trainable weights"] == total * 4 // 8 and parts["AdamW state"] == total * 8 // 8

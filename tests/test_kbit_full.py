@@ -75,6 +75,31 @@ def test_kbit_lora_trains_and_its_adapter_loads_and_merges_on_the_unquantised_ba
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+    if kbits != 4:
+        return
+
+    # chat loads the base in 4 bits with the adapter beside it, unmerged.
+    from llama_sft.tools.chat import load_model
+
+    quantised = load_model(model_dir, lora_dir, torch.device("cpu"), load_in_kbits=4)
+    assert (
+        type(quantised.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    )
+    with torch.no_grad():
+        close = torch.nn.functional.cosine_similarity(
+            quantised(input_ids=ids).logits.flatten(), expected.flatten(), 0
+        )
+    assert close > 0.9  # 4-bit rounding of the base, not another model
+
+    # --peft_path continues the QLoRA adapter: at learning rate 0 it comes out as it went in.
+    again = train(
+        train_argv(
+            model_dir, tokenizer_dir, data_dir, tmp_path / "again", load_in_kbits=4, peft_path=lora_dir,
+            learning_rate=0, max_steps=2, do_eval=False, evaluation_strategy="no", save_strategy="no",
+        )
+    )  # fmt: skip
+    continued = load_file(again / "adapter_model.safetensors")
+    assert continued.keys() == saved.keys() and all(torch.equal(continued[k], saved[k]) for k in saved)
 
 
 def test_full_finetuning_writes_a_complete_model_folder(model_dir, tokenizer_dir, data_dir, tmp_path, caplog):

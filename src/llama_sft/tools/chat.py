@@ -110,9 +110,15 @@ def load_model(
     lora_model: str | Path | list[str | Path] | None,
     device: torch.device,
     dtype: str = "auto",
+    load_in_kbits: int = 16,
 ):
-    """The base with the LoRA (or several, applied in the order given, as merge does) merged in."""
+    """The base with the LoRA (or several, applied in the order given, as merge does) merged in;
+    with ``load_in_kbits`` 4 or 8, the base quantised and one LoRA kept beside it, unmerged (folding
+    it into quantised weights would round it away)."""
     from transformers import AutoModelForCausalLM
+
+    from ..training.args import ModelArguments
+    from ..training.model import quantization_config
 
     base = Path(base_model)
     check_model_dir(base, "--base_model")
@@ -124,9 +130,21 @@ def load_model(
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    extra = {}
+    if load_in_kbits != 16:
+        if len(loras) > 1:
+            raise ModelError(
+                f"--load_in_kbits {load_in_kbits} takes one --lora_model; merge the others into the base first"
+            )
+        compute = torch_dtype if device.type == "cuda" else torch.float32
+        extra["quantization_config"] = quantization_config(
+            ModelArguments(load_in_kbits=load_in_kbits), compute, None
+        )
+        if device.type == "cuda":  # quantised weights are placed when loaded and cannot move
+            extra["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, **extra)
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelError(
             f"{base}: cannot load the model ({first_line(exc)}); re-save it with save_pretrained"
         ) from None
@@ -138,12 +156,13 @@ def load_model(
             # The saved embed_tokens/lm_head replace these rows, so how they are initialised is moot.
             model.resize_token_embeddings(rows, mean_resizing=False)
         try:
-            model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(lora))
+            model = model if load_in_kbits != 16 else model.merge_and_unload()
         except (RuntimeError, ValueError) as exc:
             raise ModelError(
                 f"{lora}: the LoRA does not fit {base} ({first_line(exc)}); was it trained on another base?"
             ) from None
-    return model.to(device).eval()
+    return (model if load_in_kbits != 16 else model.to(device)).eval()
 
 
 def resolve_tokenizer(tokenizer_path: str | None, lora_model: str | None, base_model: str) -> TextTokenizer:
@@ -448,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_context", type=int, default=None, help="Context length in tokens. Default: the model's.")
     add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
     add(
+        "--load_in_kbits",
+        type=int,
+        default=16,
+        choices=[4, 8, 16],
+        help="Load the base in 4 or 8 bits (bitsandbytes), the LoRA beside it unmerged; 16: as saved.",
+    )
+    add(
         "--torch_dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
@@ -474,7 +500,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
             template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        model = load_model(args.base_model, args.lora_model, pick_device(args.device), args.torch_dtype)
+        model = load_model(
+            args.base_model, args.lora_model, pick_device(args.device), args.torch_dtype, args.load_in_kbits
+        )
         budget = context_budget(model, settings, args.max_context)
         if args.data_file is not None:
             predictions = predict_file(

@@ -45,11 +45,35 @@ def build_meta_model(args: TrainArgs, tokenizer_size: int) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.model.trust_remote_code)
         if tokenizer_size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(tokenizer_size, mean_resizing=False)
-        if args.lora.peft_path is None:
+        if args.training.full_finetuning:
+            model.requires_grad_(True)
+        elif args.lora.peft_path is None:
             # The same checks as a real run, so that a bad LoRA flag is one line here too.
             check_lora_args(model, args.lora)
             model = attach_lora(model, args.lora)
     return model
+
+
+# Bytes a weight takes when quantised: 4-bit values plus one float32 constant per 64 (with double
+# quantisation one byte per 64 plus a float32 per 256 blocks); 8-bit values plus a float32 per row.
+KBIT_BYTES = {
+    (4, False): 0.5 + 4 / 64,
+    (4, True): 0.5 + 1 / 64 + 4 / (64 * 256),
+    (8, False): 1.0,
+    (8, True): 1.0,
+}
+
+
+def quantised_weights(model: torch.nn.Module, keep: list[str] | None) -> int:
+    """Parameters bitsandbytes quantises: the frozen Linear weights, except those kept in full
+    (``keep``, or lm_head by default as transformers does)."""
+    skip = set(keep) if keep else {"lm_head"}
+    count = 0
+    for name, module in model.named_modules():
+        frozen_linear = type(module) is torch.nn.Linear and not module.weight.requires_grad
+        if frozen_linear and not skip & set(name.split(".")):
+            count += module.weight.numel()
+    return count
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -95,6 +119,9 @@ def estimate_memory(
     frees_base_copies: bool,
     world_size: int,
     device: str,
+    kbits: int = 16,
+    double_quant: bool = True,
+    keep_unquantised: list[str] | None = None,
 ) -> MemoryPlan:
     config = model.config if hasattr(model, "config") else model.base_model.model.config
     h, i, layers, vocab = (
@@ -118,8 +145,13 @@ def estimate_memory(
     else:
         activations = tokens_per_pass * layers * per_token_layer
     logit_bytes = 2 if half else 4
+    frozen_bytes = frozen * load_bytes
+    if kbits != 16:
+        # Quantised weights at their k-bit size; PEFT's k-bit preparation casts the rest to float32.
+        quantised = quantised_weights(model, keep_unquantised)
+        frozen_bytes = int(quantised * KBIT_BYTES[kbits, double_quant]) + (frozen - quantised) * 4
     parts = {
-        "frozen weights": frozen * load_bytes // (shard if zero == 3 else 1),
+        "frozen weights": frozen_bytes // (shard if zero == 3 else 1),
         "trainable weights": trainable * 4 // (shard if zero == 3 else 1),
         "gradients": trainable * 4 // (shard if zero >= 2 else 1),
         "AdamW state": trainable * 8 // (shard if zero >= 1 else 1),
@@ -164,6 +196,9 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
         and tokenizer_size <= model_vocab_size(args.model.model_name_or_path),
         world_size=world,
         device=device,
+        kbits=args.model.load_in_kbits,
+        double_quant=args.model.double_quant,
+        keep_unquantised=args.lora.modules_to_save_list,
     )
     mean = sum(lengths) / max(1, len(lengths))
     return "\n".join(
@@ -172,7 +207,9 @@ def dry_run_report(args: TrainArgs, tokenizer_size: int, lengths: list[int], lab
             f"trainable%: {100 * trainable / max(1, total):.4f}",
             f"data: {len(lengths)} training examples, {sum(lengths):,d} tokens, mean {mean:.0f}, "
             f"longest {max(lengths, default=0)}, {share:.1%} of tokens labelled",
-            f"plan: {device}, {world} process(es), ZeRO stage {zero}, weights {dtype_name}, compute "
+            f"plan: {device}, {world} process(es), ZeRO stage {zero}, "
+            f"{'full fine-tuning' if training.full_finetuning else 'LoRA'}, weights "
+            f"{dtype_name if args.model.load_in_kbits == 16 else f'{args.model.load_in_kbits}-bit'}, compute "
             f"{str(compute_dtype).removeprefix('torch.')}, micro-batch {batch} x up to {longest} tokens "
             f"({'packed' if args.data.packing else 'padded'}), gradient checkpointing "
             f"{'on' if training.gradient_checkpointing else 'off'}",
