@@ -98,10 +98,10 @@ class Sampling:
     repetition_penalty: float
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_tokens: int = 0
 
     def processors(self):
         from transformers import (
-            LogitsProcessorList,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -109,7 +109,7 @@ class Sampling:
         )
 
         # The order and classes of generate(), so that greedy decoding matches chat's.
-        chain = LogitsProcessorList()
+        chain = []
         if self.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
@@ -130,6 +130,7 @@ class Job:
 
     def __init__(self, prompt: list[int], sampling: Sampling, tokenizer: TextTokenizer, device: torch.device):
         self.prompt, self.sampling, self.tokenizer = prompt, sampling, tokenizer
+        self.outbox: list[tuple] = []
         self.generated: list[int] = []
         self.finished = False
         self.cancelled = False
@@ -149,10 +150,11 @@ class Job:
         self.cancelled = True
 
     def _put(self, *event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled = True
+        self.outbox.append(event)
+
+    def _deliver(self, events: list[tuple]) -> None:
+        for event in events:
+            self.events.put_nowait(event)
 
     def fail(self, message: str) -> None:
         self.finished = True
@@ -160,7 +162,11 @@ class Job:
 
     def pick(self, logits: torch.Tensor) -> int:
         """Choose the next token from this row's logits (1, vocab), emit its text, maybe finish."""
-        scores = self.chain(torch.tensor([self.prompt + self.generated], device=logits.device), logits)
+        if len(self.generated) < self.sampling.min_tokens:
+            logits[:, self.tokenizer.eos_id] = float("-inf")
+        scores, ids = logits, torch.tensor([self.prompt + self.generated], device=logits.device)
+        for processor in self.chain:
+            scores = processor(ids, scores)
         if self.generator is None:
             token = int(scores.argmax(-1))
         else:
@@ -210,6 +216,7 @@ class Engine:
         self.cache = None
         self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for a real token, 0 for padding
         self.pending: list[int] = []  # each row's token chosen last step, not yet in the cache
+        self.touched: list[Job] = []  # the jobs of this step, whose events go out after it
         self.wake = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="llama-sft-engine", daemon=True)
@@ -235,15 +242,34 @@ class Engine:
                 self.wake.wait_for(lambda: self.stopped or self.waiting or self.running)
                 if self.stopped:
                     return
+            self.touched = list(self.running)
             try:
                 with torch.inference_mode():
                     self._step()
             except Exception as exc:  # a failed forward must not leave requests waiting forever
                 logger.exception("generation failed")
-                for job in self.running + list(self.waiting):
+                with self.wake:
+                    self.touched += self.waiting
+                    self.waiting.clear()
+                for job in self.touched:
                     job.fail(f"generation failed: {exc}")
-                self.waiting.clear()
                 self._keep([])
+            self._flush(self.touched)
+
+    @staticmethod
+    def _flush(jobs: list[Job]) -> None:
+        """Hand each job's new events to its event loop: one wake-up per loop and step, not per token."""
+        by_loop: dict = {}
+        for job in jobs:
+            if job.outbox:
+                by_loop.setdefault(job.loop, []).append((job, job.outbox))
+                job.outbox = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(lambda batch=batch: [job._deliver(events) for job, events in batch])
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                for job, _ in batch:
+                    job.cancelled = True
 
     def _step(self) -> None:
         self._keep([row for row, job in enumerate(self.running) if not (job.finished or job.cancelled)])
@@ -276,6 +302,7 @@ class Engine:
     def _admit(self, job: Job) -> None:
         from transformers import DynamicCache
 
+        self.touched.append(job)
         cache = DynamicCache(config=self.model.config)
         # Prefilled alone, as generate() does for one prompt: a batch-of-one answer is chat's answer.
         output = self.model(
@@ -347,7 +374,7 @@ class ServerState:
 # Parameters honoured besides the endpoint's own (messages or prompt); any other is refused by name.
 SAMPLING_PARAMS = {
     "model", "stream", "stream_options", "temperature", "top_p", "top_k", "repetition_penalty",
-    "max_tokens", "max_completion_tokens", "stop", "seed", "n", "user",
+    "max_tokens", "max_completion_tokens", "min_tokens", "stop", "seed", "n", "user",
 }  # fmt: skip
 
 
@@ -417,6 +444,7 @@ def parse_sampling(body: dict, state: ServerState, endpoint_params: set[str], pr
         ),
         stop=stop or [],
         seed=None if seed is None else seed % 2**63,
+        min_tokens=_number(body, "min_tokens", 0, max_tokens or room, integer=True) or 0,
     )
 
 
@@ -613,8 +641,16 @@ def create_app(state: ServerState):
                 try:
                     if chat:
                         yield chunk([choice(None, None, first=True)])
+                    held = None
                     while True:
-                        kind, value = await job.events.get()
+                        kind, value = held or await job.events.get()
+                        held = None
+                        # Text that piled up while this stream waited goes out as one chunk.
+                        while kind == "text" and not job.events.empty():
+                            held = job.events.get_nowait()
+                            if held[0] != "text":
+                                break
+                            value, held = value + held[1], None
                         if kind == "text":
                             yield chunk([choice(value, None)])
                         elif kind == "done":
