@@ -88,11 +88,12 @@ def weight_files(folder: str | Path, flag: str = "--model_name_or_path") -> list
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = list(dict.fromkeys(weight_map.values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = [folder / name for name in dict.fromkeys(weight_map.values())]
+                if not files:
+                    raise ValueError("its weight_map is empty")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelError(f"{index}: not a valid shard index ({exc}); re-save the model") from None
-            files = [folder / name for name in names]
             missing = [str(path) for path in files if not path.is_file()]
             if missing:
                 raise ModelError(

@@ -38,9 +38,17 @@ class TokenizerError(ValueError):
 
 
 def _token_content(value: object) -> str | None:
+    """A token's text in tokenizer_config.json or special_tokens_map.json; None when it holds none, or
+    lone surrogates that no tokenizer can look up or write back."""
     if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+        value = value.get("content")
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _read_json(path: Path) -> dict:
@@ -68,7 +76,7 @@ class TextTokenizer:
         self.added_pad = False
         if sp is not None:
             self.base_size = sp.get_piece_size()
-            for id_text, token in (self.config.get("added_tokens_decoder") or {}).items():
+            for id_text, token in self._added_tokens_decoder().items():
                 if int(id_text) >= self.base_size:
                     self.added[_token_content(token)] = int(id_text)
             self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
@@ -86,10 +94,25 @@ class TextTokenizer:
                 f"{directory}: the tokenizer defines no BOS or EOS token; LLaMA models need both"
             )
 
+    def _added_tokens_decoder(self) -> dict:
+        decoder = self.config.get("added_tokens_decoder") or {}
+        entries = decoder.items() if isinstance(decoder, dict) else [("", decoder)]
+        for id_text, token in entries:
+            if not id_text.isdecimal() or _token_content(token) is None:
+                raise TokenizerError(
+                    f"{self.directory / 'tokenizer_config.json'}: added_tokens_decoder must map token ids to "
+                    f"tokens, found {id_text[:20]!r}: {str(token)[:40]!r}; restore the file from the tokenizer's source"
+                )
+        return decoder
+
     def _find_sp_pad(self) -> int:
-        content = _token_content(self.special_map.get("pad_token")) or _token_content(
-            self.config.get("pad_token")
-        )
+        declared = self.special_map.get("pad_token") or self.config.get("pad_token")
+        content = _token_content(declared)
+        if declared is not None and content is None:
+            raise TokenizerError(
+                f"{self.directory}: the pad_token {str(declared)[:40]!r} is not a token's text; restore "
+                "tokenizer_config.json and special_tokens_map.json from the tokenizer's source"
+            )
         if content is not None:
             if content in self.added:
                 return self.added[content]

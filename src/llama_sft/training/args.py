@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -316,10 +317,15 @@ def expand_config(argv: list[str]) -> list[str]:
     return out
 
 
+def _escaped(text: str) -> str:
+    """User text quoted in an error, with line breaks and other control characters escaped: one line."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
+
+
 class _Parser(HfArgumentParser):
     def error(self, message: str):
         # argparse's default prints the usage of ~200 flags first, burying the one line that matters.
-        self.exit(2, f"error: {message} (see --help for every flag)\n")
+        self.exit(2, f"error: {_escaped(message)} (see --help for every flag)\n")
 
 
 def make_parser() -> HfArgumentParser:
@@ -361,7 +367,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
         # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say).
         raise ArgumentError(f"bad training arguments: {exc}") from None
     if rest:
-        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
+        raise ArgumentError(f"unrecognized arguments: {_escaped(' '.join(rest))} (see --help for every flag)")
     if model.model_name_or_path is None:
         raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:
