@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed JIT-builds a CPU op once; keep the build beside the project so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv demo test lint format bench bench-quick clean
+.PHONY: venv demo test lint format bench bench-quick clean fuzz
 
 venv: $(STAMP)
 
@@ -33,6 +33,16 @@ format: venv
 
 test: lint
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# A long random search of every input surface (tests/test_fuzz.py), round after round with new seeds,
+# for FUZZ_MINUTES; a failing input is saved in tests/bad_inputs/found/ and the search stops.
+FUZZ_MINUTES ?= 20
+fuzz: venv
+	end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); echo "fuzz round $$round"; \
+		LLAMA_SFT_FUZZ=1 $(BIN)/python -m pytest -q -x -s -p no:cacheprovider tests/test_fuzz.py || exit 1; \
+	done
 
 bench: venv
 	$(BIN)/python -m pip install -q -e '.[bench]'
