@@ -135,8 +135,8 @@ class LoraArguments:
     use_dora: bool = field(
         default=False,
         metadata={
-            "help": "DoRA: each adapted weight gets a trained magnitude per output row on top of the LoRA "
-            "update (slower steps, a few more parameters)."
+            "help": "DoRA: also train a magnitude per output row of each adapted weight. With --lora_dropout "
+            "above 0 PEFT computes each adapted base product twice: use 0 for speed."
         },
     )
     use_rslora: bool = field(
