@@ -170,20 +170,9 @@ def test_dry_run_counts_the_magnitudes(tmp_path):
 
 def test_training_with_dora_and_rslora(model_dir, tokenizer_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = train_argv(
-        model_dir,
-        tokenizer_dir,
-        data_dir,
-        out,
-        use_dora=True,
-        use_rslora=True,
-        max_steps=12,
-        learning_rate=5e-3,
-        do_eval=False,
-        evaluation_strategy="no",
-        save_strategy="no",
-    )
-    lora_dir = train(argv)
+    flags = {"use_dora": True, "use_rslora": True, "max_steps": 12, "learning_rate": 5e-3}
+    no_eval_no_save = {"do_eval": False, "evaluation_strategy": "no", "save_strategy": "no"}
+    lora_dir = train(train_argv(model_dir, tokenizer_dir, data_dir, out, **flags, **no_eval_no_save))
     config = json.loads((lora_dir / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
