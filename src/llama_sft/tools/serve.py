@@ -217,6 +217,7 @@ class Engine:
         self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for a real token, 0 for padding
         self.pending: list[int] = []  # each row's token chosen last step, not yet in the cache
         self.touched: list[Job] = []  # the jobs of this step, whose events go out after it
+        self.peak_running = 0
         self.wake = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="llama-sft-engine", daemon=True)
@@ -327,6 +328,7 @@ class Engine:
             self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.running.append(job)
         self.pending.append(token)
+        self.peak_running = max(self.peak_running, len(self.running))
 
     def _decode(self) -> None:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)
