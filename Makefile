@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed JIT-builds a CPU op once; keep the build beside the project so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv demo test lint format bench bench-quick clean fuzz
+.PHONY: venv demo test lint format bench bench-quick clean browser fuzz
 
 venv: $(STAMP)
 
@@ -31,7 +31,13 @@ format: venv
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: lint
+# The chat page's browser test drives Debian's chromium; installed only when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+test: lint browser
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 # A long random search of every input surface (tests/test_fuzz.py), round after round with new seeds,
