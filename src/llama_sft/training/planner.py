@@ -65,9 +65,9 @@ KBIT_BYTES = {
 
 
 def quantised_weights(model: torch.nn.Module, keep: list[str] | None) -> int:
-    """Parameters bitsandbytes quantises: the frozen Linear weights, except those kept in full
-    (``keep``, or lm_head by default as transformers does)."""
-    skip = set(keep) if keep else {"lm_head"}
+    """Parameters bitsandbytes quantises: the frozen Linear weights, except those trained in full
+    (``keep``, see ``model.quantization_config``)."""
+    skip = set(keep or [])
     count = 0
     for name, module in model.named_modules():
         frozen_linear = type(module) is torch.nn.Linear and not module.weight.requires_grad
@@ -147,9 +147,10 @@ def estimate_memory(
     logit_bytes = 2 if half else 4
     frozen_bytes = frozen * load_bytes
     if kbits != 16:
-        # Quantised weights at their k-bit size; PEFT's k-bit preparation casts the rest to float32.
+        # Quantised weights at their k-bit size, the rest in the compute dtype (``model.prepare_kbit``).
         quantised = quantised_weights(model, keep_unquantised)
-        frozen_bytes = int(quantised * KBIT_BYTES[kbits, double_quant]) + (frozen - quantised) * 4
+        rest = 4 if compute_dtype == torch.float32 else 2
+        frozen_bytes = int(quantised * KBIT_BYTES[kbits, double_quant]) + (frozen - quantised) * rest
     parts = {
         "frozen weights": frozen_bytes // (shard if zero == 3 else 1),
         "trainable weights": trainable * 4 // (shard if zero == 3 else 1),

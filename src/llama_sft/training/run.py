@@ -326,7 +326,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         check_lora_args(model, args.lora)
         if args.model.load_in_kbits != 16:
             model = prepare_kbit(
-                model, training.gradient_checkpointing, training.gradient_checkpointing_kwargs
+                model, training.gradient_checkpointing, training.gradient_checkpointing_kwargs, compute_dtype
             )
         return attach_lora(model, args.lora)
 
