@@ -20,7 +20,11 @@ from transformers import HfArgumentParser, TrainingArguments
 
 
 class ArgumentError(ValueError):
-    """A bad flag value. The message names the flag and says what to do."""
+    """A bad flag value. The message names the flag and says what to do, on one line: flag values
+    quoted in it have their line breaks and other control characters escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(_escaped(message))
 
 
 @dataclass
@@ -367,7 +371,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
         # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say).
         raise ArgumentError(f"bad training arguments: {exc}") from None
     if rest:
-        raise ArgumentError(f"unrecognized arguments: {_escaped(' '.join(rest))} (see --help for every flag)")
+        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
     if model.model_name_or_path is None:
         raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:
