@@ -117,6 +117,11 @@ def deepspeed_not_json(w: World):
     w.flags["deepspeed"] = w.root / "ds.json"
 
 
+def kbit_with_zero3(w: World):
+    (w.root / "ds3.json").write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}')
+    w.flags.update(load_in_kbits=4, deepspeed=w.root / "ds3.json")
+
+
 def output_dir_is_a_file(w: World):
     w.out = w.root / "out_file"
     w.out.write_text("I am a file")
@@ -251,6 +256,22 @@ CASES = [
         "missing resume checkpoint",
         flags(resume_from_checkpoint="/nonexistent/ckpt"),
         ["--resume_from_checkpoint"],
+    ),
+    ("3-bit base weights", flags(load_in_kbits=3), ["--load_in_kbits 3: supported are 4", "8 (LLM.int8)"]),
+    (
+        "k-bit with full fine-tuning",
+        flags(load_in_kbits=8, full_finetuning=True),
+        ["--load_in_kbits 8 with --full_finetuning", "--load_in_kbits 16 for full fine-tuning"],
+    ),
+    (
+        "k-bit with ZeRO-3",
+        kbit_with_zero3,
+        ["--load_in_kbits 4 with DeepSpeed ZeRO-3", "ds_zero2_no_offload"],
+    ),
+    (
+        "full fine-tuning continuing a LoRA",
+        flags(full_finetuning=True, peft_path="/nonexistent/lora"),
+        ["--full_finetuning with --peft_path", "merge it first"],
     ),
 ]
 

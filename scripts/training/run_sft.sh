@@ -26,6 +26,8 @@ peft_model=${peft_model:-}
 validation_file=${validation_file:-../../demo_output/data/eval.json}
 deepspeed_config_file=${deepspeed_config_file:-ds_zero2_no_offload.json}
 nproc_per_node=${nproc_per_node:-1}
+load_in_kbits=${load_in_kbits:-16}  # 4 or 8: QLoRA over quantised base weights (bitsandbytes)
+full_finetuning=${full_finetuning:-False}  # True: train every weight; output in sft_full_model
 speedups=${speedups:-auto}  # auto: every speed-up that fits; off: stock transformers/PEFT training
 ########parameters########
 
@@ -75,5 +77,7 @@ torchrun --nnodes 1 --nproc_per_node "${nproc_per_node}" run_clm_sft_with_peft.p
     --validation_file "${validation_file}" \
     --gradient_checkpointing \
     --ddp_find_unused_parameters False \
+    --load_in_kbits "${load_in_kbits}" \
+    --full_finetuning "${full_finetuning}" \
     --speedups "${speedups}" \
     "${peft_args[@]}"
