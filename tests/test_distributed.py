@@ -149,3 +149,25 @@ def test_zero3_saves_full_adapter(model_dir, tokenizer_dir, data_dir, tmp_path):
     lora_b = [t for name, t in tensors.items() if "lora_B" in name]
     assert lora_b and all(t.numel() > 0 and t.abs().sum() > 0 for t in lora_b)
     assert (out / "checkpoint-4" / "sft_lora_model" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_full_finetuning_under_deepspeed_saves_a_whole_model(
+    model_dir, tokenizer_dir, data_dir, tmp_path, zero
+):
+    """ZeRO-3 shards every weight; the saved model (and each checkpoint's) holds whole, trained tensors."""
+    out = tmp_path / "out"
+    config = ROOT / "scripts" / "training" / f"ds_zero{zero}_no_offload.json"
+    argv = train_argv(
+        model_dir, tokenizer_dir, data_dir, out, deepspeed=config, evaluation_strategy="no", do_eval=False,
+        full_finetuning=True, learning_rate=1e-3,
+    )  # fmt: skip
+    torchrun(1, argv, tmp_path)
+    tuned = load_file(out / "sft_full_model" / "model.safetensors")
+    base = load_file(model_dir / "model.safetensors")
+    assert tuned.keys() == base.keys()
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert tuned[name].shape == base[name].shape
+        assert not torch.equal(tuned[name].float(), base[name].float()), name
+    assert (out / "checkpoint-4" / "sft_full_model" / "model.safetensors").is_file()
+    assert json.loads((out / "sft_full_model" / "template.json").read_text())["name"] == "alpaca"
