@@ -367,8 +367,9 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
         model, data, lora, training, rest = make_parser().parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
         )
-    except ValueError as exc:
-        # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say).
+    except (ValueError, OverflowError) as exc:
+        # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say)
+        # and turns step counts into integers (OverflowError for an infinite --save_steps).
         raise ArgumentError(f"bad training arguments: {exc}") from None
     if rest:
         raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
