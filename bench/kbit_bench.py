@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,10 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(args: argparse.Namespace, scratch: Path) -> dict:
@@ -119,7 +114,7 @@ def child(bits: int, w: dict, args: argparse.Namespace, scratch: Path) -> dict:
             seen["weights_mb"] = (
                 sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()]) / 2**20
             )
-            seen["rss_after_load_mb"] = peak_rss_mb()
+            seen["rss_after_load_mb"] = train_bench.peak_rss_mb()
             seen["start"] = time.perf_counter()
 
         def on_train_end(self, args_, state, control, **kwargs):
@@ -143,7 +138,7 @@ def child(bits: int, w: dict, args: argparse.Namespace, scratch: Path) -> dict:
         "bits": bits,
         "weights_mb": round(seen["weights_mb"], 1),
         "peak_rss_after_load_mb": round(seen["rss_after_load_mb"], 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(train_bench.peak_rss_mb(), 1),
         "tokens_per_s": round(seen["tokens"] / seen["seconds"], 1),
         "steps": args.steps,
     }

@@ -238,7 +238,7 @@ def make_meter():
 
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.start
-            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.peak_rss_mb = peak_rss_mb()
             self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
 
         def result(self) -> dict:
@@ -580,6 +580,19 @@ def cpu_bf16_choice() -> tuple[bool, str]:
             return True, f"native bfloat16 matrix instructions ({', '.join(found)})"
         return False, "no native bfloat16 matrix instructions (avx512_bf16, amx_bf16) in /proc/cpuinfo"
     return cpu_bf16_is_fast()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB. /proc's VmHWM, not getrusage's ru_maxrss: Linux
+    carries ru_maxrss over from the parent through fork and exec, so a child would report the
+    benchmark's own peak (building the model) whenever that is the larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def llama_sft_dtype(args: argparse.Namespace) -> str:
