@@ -67,6 +67,41 @@ class Template:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def chat_template(self) -> str:
+        """The same prompts as a Jinja chat template over ``messages`` (an optional system message,
+        then user and assistant turns), for tools that read ``chat_template`` from
+        tokenizer_config.json (transformers' ``apply_chat_template``, vLLM): ``bos_token`` + the first
+        prompt, each answer + ``eos_token``, ``bos_token`` + the follow-up prompt of each later turn,
+        as ``prompt_ids`` puts them in ids. An answer follows its prompt after a space where the
+        prompt does not end in one: SentencePiece starts a separately encoded answer with one. A
+        template without a follow-up format renders later turns with its first prompt."""
+        literal = json.dumps  # a JSON string is a Jinja string literal, escapes included
+        followup = self.followup_prompt if self.followup_prompt is not None else self.prompt
+        space = "" if self.prompt[-1:].isspace() else "{{ ' ' }}"  # an expression: -%} strips spaces
+        return (
+            f"{{%- set first = {literal(self.prompt)} -%}}"
+            f"{{%- set later = {literal(followup)} -%}}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            f"{{%- else -%}}{{%- set system = {literal(self.system_prompt or '')} -%}}"
+            "{%- set turns = messages -%}{%- endif -%}"
+            "{%- for message in turns -%}"
+            "{%- if message['role'] == 'user' -%}{{ bos_token }}"
+            "{%- if loop.first -%}"
+            "{{ first | replace('{system_prompt}', system) | replace('{instruction}', message['content']) }}"
+            "{%- else -%}{{ later | replace('{instruction}', message['content']) }}{%- endif -%}"
+            f"{{%- elif message['role'] == 'assistant' -%}}{space}{{{{ message['content'] }}}}{{{{ eos_token }}}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+
+    def write_chat_template(self, directory: str | Path) -> None:
+        """Add ``chat_template`` to the folder's tokenizer_config.json (when there is one)."""
+        config_file = Path(directory) / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["chat_template"] = self.chat_template()
+            config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / TEMPLATE_FILE
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -51,7 +51,7 @@ from ..checks import (
     has_tokenizer,
     weight_files,
 )
-from ..data.templates import TEMPLATE_FILE, TemplateError
+from ..data.templates import TEMPLATE_FILE, TemplateError, load_template
 from ..data.tokenizer import SP_MODEL, TextTokenizer, TokenizerError
 from ..training.saving import atomic_dir
 
@@ -717,8 +717,10 @@ def merge(
             None,
         )
         if template is not None:
-            # chat reads it, so the merged model is prompted as the LoRA was trained.
+            # chat reads it, so the merged model is prompted as the LoRA was trained; vLLM and
+            # transformers' apply_chat_template read the same prompts from tokenizer_config.json.
             shutil.copyfile(template, staging / TEMPLATE_FILE)
+            load_template(staging).write_chat_template(staging)
     return out
 
 

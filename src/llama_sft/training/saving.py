@@ -79,6 +79,7 @@ def write_lora_folder(
         (folder / "adapter_model.safetensors").unlink()
     tokenizer.save(folder)
     template.save(folder)
+    template.write_chat_template(folder)
     (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
@@ -93,4 +94,5 @@ def write_model_folder(folder: Path, tokenizer: TextTokenizer, template: Templat
         raise RuntimeError(f"{folder}: the saved model has no config.json or weights; refusing to publish it")
     tokenizer.save(folder)
     template.save(folder)
+    template.write_chat_template(folder)
     (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
