@@ -4,8 +4,9 @@
 Builds one random LLaMA (by default ~1.1B parameters: hidden 2048, 22 layers, MLP 5632, 32 heads
 with 4 key/value heads, 32,000-row vocabulary), then trains a LoRA on it with ``llama-sft train``
 for each ``--load_in_kbits`` in its own child process, so each peak RSS is its own. Reported per
-run: the base weights' bytes in memory, peak RSS after loading and after the training steps, and
-trained tokens/s. LoRA is on all seven projections and nothing is trained in full, so the base
+run: the base weights' bytes in memory, peak RSS (loading included: a k-bit run reads the 16-bit
+checkpoint, whose file pages count while it is quantised), RSS and anonymous (non-file) RSS at the
+end of training, and trained tokens/s. LoRA is on all seven projections and nothing is trained in full, so the base
 weights are what differs. On a GPU, peak GPU memory too.
 
     python bench/kbit_bench.py [--bits 16,8,4] [--steps 10] [--out FILE.json]
@@ -89,6 +90,17 @@ def build(args: argparse.Namespace, scratch: Path) -> dict:
     }
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory figure of /proc/self/status in MiB (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def bf16_is_fast() -> bool:
     """Whether the runs compute in bfloat16 (a GPU, or a CPU with native bfloat16), as llama-sft
     would choose; in float32 elsewhere, where PEFT's preparation keeps frozen weights in float32."""
@@ -119,6 +131,8 @@ def child(bits: int, w: dict, args: argparse.Namespace, scratch: Path) -> dict:
 
         def on_train_end(self, args_, state, control, **kwargs):
             seen["seconds"] = time.perf_counter() - seen["start"]
+            seen["rss_end_mb"] = proc_status_mb("VmRSS")
+            seen["anon_end_mb"] = proc_status_mb("RssAnon")
             seen["tokens"] = int(state.num_input_tokens_seen)
 
     out = scratch / f"run-{bits}"
@@ -139,6 +153,8 @@ def child(bits: int, w: dict, args: argparse.Namespace, scratch: Path) -> dict:
         "weights_mb": round(seen["weights_mb"], 1),
         "peak_rss_after_load_mb": round(seen["rss_after_load_mb"], 1),
         "peak_rss_mb": round(train_bench.peak_rss_mb(), 1),
+        "rss_end_mb": round(seen["rss_end_mb"], 1),
+        "anon_end_mb": round(seen["anon_end_mb"], 1),
         "tokens_per_s": round(seen["tokens"] / seen["seconds"], 1),
         "steps": args.steps,
     }
@@ -174,14 +190,16 @@ def main(argv: list[str] | None = None) -> None:
             results.append(json.loads(result_file.read_text()))
             print(f"  {results[-1]} ({time.time() - started:.0f} s wall)", flush=True)
     ok = {r["bits"]: r for r in results if "error" not in r}
-    print(f"\n{'base':>6s} {'weights':>10s} {'RSS loaded':>11s} {'RSS peak':>10s} {'tokens/s':>9s}")
+    print(
+        f"\n{'base':>6s} {'weights':>10s} {'RSS peak':>10s} {'RSS end':>9s} {'anon end':>9s} {'tokens/s':>9s}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['bits']:>4d}-bit  {r['error']}")
             continue
         print(
-            f"{r['bits']:>4d}-bit {r['weights_mb']:>8.0f} MB {r['peak_rss_after_load_mb']:>8.0f} MB "
-            f"{r['peak_rss_mb']:>7.0f} MB {r['tokens_per_s']:>9.1f}"
+            f"{r['bits']:>4d}-bit {r['weights_mb']:>7.0f} MB {r['peak_rss_mb']:>7.0f} MB "
+            f"{r['rss_end_mb']:>6.0f} MB {r['anon_end_mb']:>6.0f} MB {r['tokens_per_s']:>9.1f}"
         )
     if 16 in ok and 4 in ok:
         share = ok[4]["weights_mb"] / ok[16]["weights_mb"]
