@@ -85,10 +85,8 @@ def packed_sdpa_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-# PackedCausalAttention against one sdpa call per record (8 heads of 64, bfloat16, 2 cores, forward
-# and backward): 30 vs 38 ms for 3 records of 512 tokens, 26 vs 31 for 2 of 640, 38 vs 32 for 2 of
-# 768 and 42 vs 31 for one of 1,024, where the flash kernel's blocking pays. A row with a longer
-# record goes to sdpa.
+# PackedCausalAttention beats one sdpa call per record up to records of about 700 tokens; past
+# that PyTorch's flash kernel's blocking pays, so a row with a longer record goes to sdpa.
 CPU_KERNEL_MAX_LEN = 640
 
 

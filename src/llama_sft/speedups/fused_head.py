@@ -28,17 +28,14 @@ from . import cpu_kernels
 from .kept_memory import HeadMemory
 
 # Rows of logits turned into gradient at a time on a CPU: 16 x 55,296 float32 values stay near the
-# L2 cache (measured on a 2-core Xeon: 154 ms for 1,304 x 55,296 bfloat16 logits, against 205 ms
-# with 128 rows). On a GPU the cost is in kernel launches, not cache misses: float32 chunks of up
-# to 2**26 values (256 MiB) make one chunk of the ~1,200 labelled rows of a 55,296 vocabulary.
+# L2 cache (25% faster than 128 rows). On a GPU the cost is in kernel launches, not cache misses:
+# chunks of up to 2**26 float32 values make one chunk of a step's labelled rows.
 CE_CHUNK_ROWS = 16
 GPU_CE_CHUNK_VALUES = 2**26
 # Rows of logits made at a time by the fused output projection when its products are in the
 # weight's dtype (float32): 512 x 55,296 float32 logits are the size of the trained embedding's
-# gradient, which shares their kept memory; all 1,300 labelled rows of a step at once raised the
-# peak RSS of 12-step runs by 150-170 MiB (2,541-2,551 against 2,377-2,398). The three products
-# of 1,300 rows in blocks of 512 took 5% longer than whole (1,487 against 1,413 ms on a 2-core
-# AVX2 EPYC), in blocks of 256 14% longer.
+# gradient, which shares their kept memory; all of a step's labelled rows at once raised peak RSS
+# by 150-170 MiB, for products 5% faster than in blocks of 512.
 HEAD_BLOCK_ROWS = 512
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.

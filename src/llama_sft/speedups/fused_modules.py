@@ -16,11 +16,8 @@ layers the class ``FusedLoraLinear`` and ``LlamaAttention`` layers ``FusedRotary
 (subclasses; see their docstrings for what they compute and when).
 
 Why: PyTorch runs the norm as seven passes over a float32 copy of the row in the forward and more
-in the backward (~5 ms for 1,300 rows of 512 on a 2-core Xeon, 1 ms as one kernel), 17 times a
-step for an 8-layer model; and the SiLU, the product and their backward as five passes, each with
-a new output (3.2-4.0 ms for 1,300 x 1,376, 2.8 ms as two kernels), in every layer. Forward and
-backward of 8 records of the benchmark (``bench/step_ablation.py``): 906 ms with these modules,
-1,030 ms with transformers' (medians of 40).
+in the backward, and the SiLU, the product and their backward as five passes, each with a new
+output, in every layer (docs/performance.md, "fused_norm_mlp", gives the times).
 """
 
 from __future__ import annotations
@@ -131,10 +128,7 @@ class FusedLoraLinear(LoraLinear):
     Why: PEFT's sum makes two new (tokens x out_features) tensors in the forward (the scaled update
     and the sum) and one in the backward (the update's gradient times the scale), each faulted in
     and written once. The accumulating product writes into the base output, and autograd scales
-    only the (tokens x r) and (r x out_features) gradients. Forward and backward of 1,300 tokens
-    under bfloat16 autocast, 512 to 1,376 features, r=8: 8.4-9.7 ms in PEFT's way, 5.0-6.0 ms. On
-    the benchmark's model (56 LoRA layers) with the heap trimmed before each step, as in training:
-    656 against 700 ms for 8 records (``bench/step_ablation.py``, medians of 20).
+    only the (tokens x r) and (r x out_features) gradients (docs/performance.md, "fused_lora").
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
