@@ -103,7 +103,7 @@ def test_kbit_and_full_finetuning_plans(tmp_path):
     sixteen, four = plan(model), plan(model, kbits=4, keep_unquantised=["embed_tokens", "lm_head"])
     assert (
         four["frozen weights"]
-        == int(quantised * KBIT_BYTES[4, True]) + (sixteen["frozen weights"] // 2 - quantised) * 4
+        == int(quantised * KBIT_BYTES[4, True]) + (sixteen["frozen weights"] // 2 - quantised) * 2
     )
     assert four["frozen weights"] < sixteen["frozen weights"] / 3
 

@@ -184,6 +184,10 @@ def test_unworkable_kbit_settings_are_refused_before_loading(
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(train_argv(model_dir, tokenizer_dir, data_dir, out, **flags))
+    # Parsing a DeepSpeed config registers it process-wide; later tests must not see ZeRO-3.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

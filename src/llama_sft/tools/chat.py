@@ -42,6 +42,7 @@ from ..checks import (
     first_line,
     has_tokenizer,
     model_vocab_size,
+    read_adapter_config,
 )
 from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template, prompt_ids
 from ..data.text import TextCleaning, UnencodableText, clean_text
@@ -137,8 +138,10 @@ def load_model(
                 f"--load_in_kbits {load_in_kbits} takes one --lora_model; merge the others into the base first"
             )
         compute = torch_dtype if device.type == "cuda" else torch.float32
+        # What the adapter trained in full replaces whole modules, which must stay unquantised.
+        keep = read_adapter_config(loras[0], "--lora_model").get("modules_to_save") or [] if loras else []
         extra["quantization_config"] = quantization_config(
-            ModelArguments(load_in_kbits=load_in_kbits), compute, None
+            ModelArguments(load_in_kbits=load_in_kbits), compute, list(keep)
         )
         if device.type == "cuda":  # quantised weights are placed when loaded and cannot move
             extra["device_map"] = {"": device}

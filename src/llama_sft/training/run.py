@@ -27,7 +27,14 @@ import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
 
-from ..checks import ModelError, check_adapter_dir, check_model_dir, check_vocab, model_vocab_size
+from ..checks import (
+    ModelError,
+    check_adapter_dir,
+    check_model_dir,
+    check_vocab,
+    model_vocab_size,
+    read_adapter_config,
+)
 from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from ..data.packing import PackingCollator
@@ -319,7 +326,10 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             len(tokenizer),
             resolve_dtype(args.model.torch_dtype),
             compute_dtype,
-            keep_unquantised=args.lora.modules_to_save_list,
+            # A continued adapter's own modules_to_save win, as its configuration does.
+            keep_unquantised=read_adapter_config(args.lora.peft_path, "--peft_path").get("modules_to_save")
+            if args.lora.peft_path
+            else args.lora.modules_to_save_list,
         )
         if full:
             return make_fully_trainable(model)
