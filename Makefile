@@ -47,7 +47,7 @@ fuzz: venv
 	end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
 		round=$$((round + 1)); echo "fuzz round $$round"; \
-		LLAMA_SFT_FUZZ=1 $(BIN)/python -m pytest -q -x -s -p no:cacheprovider tests/test_fuzz.py || exit 1; \
+		LLAMA_SFT_FUZZ=1 $(BIN)/python -m pytest -q -x -s -p no:cacheprovider tests/test_fuzz.py tests/test_serve_fuzz.py || exit 1; \
 	done
 
 bench: venv
