@@ -179,8 +179,17 @@ CASES = [
     ("empty file", put_in_dataset("empty_file.json"), ["empty_file.json: invalid JSON at line 1"]),
     ("CSV saved as .json", put_in_dataset("csv_saved_as.json"), ["csv_saved_as.json: invalid JSON"]),
     ("bad JSON Lines line", put_in_dataset("bad_line.jsonl"), ["bad_line.jsonl, line 3: invalid JSON"]),
+    (
+        "prompts fill the length (found by make fuzz)",
+        put_in_dataset("prompt_fills_max_seq_length.jsonl"),
+        ["prompt_fills_max_seq_length.jsonl: every training record's prompt fills --max_seq_length 128"],
+    ),
     ("bad validation file", put_in_validation("output_is_list.json"), ["output_is_list.json, record 1"]),
-    ("10 MB single record", huge_record, ["prompt fills --max_seq_length 128", "raise it"]),
+    (
+        "10 MB single record",
+        huge_record,
+        ["huge.json: every training record's prompt fills", "raise --max_seq"],
+    ),
     ("empty dataset dir", empty_dataset_dir, ["no *.json or *.jsonl files in --dataset_dir"]),
     (
         "missing dataset dir",

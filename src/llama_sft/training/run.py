@@ -307,7 +307,11 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     if eval_records:
         logger.info(eval_stats.report("eval data", max_len))
     if training.do_train and len(train_set) == 0:
-        raise DataError(f"every training record's prompt fills --max_seq_length {max_len}; raise it")
+        where = ", ".join(str(path) for path in train_files[:3]) + (" ..." if len(train_files) > 3 else "")
+        raise DataError(
+            f"{where}: every training record's prompt fills --max_seq_length {max_len}, leaving no answer "
+            "to train on; raise --max_seq_length or shorten the prompts"
+        )
     if training.dry_run:
         labelled = int((train_set.labels != IGNORE_INDEX).sum())
         print(dry_run_report(args, len(tokenizer), train_set.lengths(), labelled))
