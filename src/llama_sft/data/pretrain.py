@@ -1,0 +1,295 @@
+"""Pre-training data: plain-text documents -> fixed-length blocks where every position is labelled.
+
+Contract: ``find_text_files(dataset_dir)`` lists a folder's ``.txt`` and ``.jsonl`` files in a stable
+order. A document is one non-blank line of a ``.txt`` file, or the ``"text"`` string of one line of a
+``.jsonl`` file (as LLaMA-Factory and the original ``load_dataset("text")`` read them). Each document
+goes through ``text.clean_text``, is tokenized (SentencePiece-identical ids) and followed by EOS; the
+documents are concatenated and cut into ``block_size`` blocks (the original's ``group_texts``). The
+last partial block is dropped, as ``group_texts`` does, and the report says how many tokens that was.
+
+``build_blocks(files, tokenizer, block_size, cache_dir)`` streams the files line by line and writes
+the token stream to disk in batches, so memory stays flat whatever the corpus size; the result is a
+memory-mapped ``BlockDataset`` keyed by the files' contents, the tokenizer and ``block_size``. Bad
+input raises ``DataError`` naming the file (and line or byte offset) and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .records import DataError
+from .text import TextCleaning, UnencodableText
+from .tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+# Bump when blocks change in a way the cache key cannot see.
+PRETRAIN_VERSION = 1
+# Documents tokenized per call: large enough for SentencePiece's threads, small enough to stay flat.
+_BATCH_DOCUMENTS = 2048
+
+
+def find_text_files(dataset_dir: str | Path) -> list[Path]:
+    directory = Path(dataset_dir)
+    if not directory.exists():
+        raise DataError(f"{directory}: --dataset_dir does not exist")
+    if directory.is_file():
+        files = [directory] if directory.suffix in TEXT_SUFFIXES else []
+    else:
+        files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"{directory}: no *.txt or *.jsonl files in --dataset_dir; put plain-text files there "
+            '(one document a line) or JSON lines with a "text" field'
+        )
+    return files
+
+
+def check_block_size(block_size: int, context: int | None) -> None:
+    """``context`` is the model's ``max_position_embeddings`` (None when unknown)."""
+    if block_size < 2:
+        raise DataError(
+            f"--block_size {block_size} is too small: a block needs at least 2 tokens to predict one; "
+            "use 512 or more"
+        )
+    if context is not None and block_size > context:
+        raise DataError(
+            f"--block_size {block_size} is larger than the model's context ({context} positions, "
+            f"max_position_embeddings); use --block_size {context} or less"
+        )
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yields (line number, decoded line), reading the file in binary so a decoding error names its byte."""
+    offset = 0
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw, offset = raw[3:], 3
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}: not valid UTF-8 at byte {offset + exc.start} (line {number}); "
+                        "re-save the file as UTF-8"
+                    ) from None
+                offset += len(raw)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """The cleaned documents of one file, streamed. Raises DataError for a file with none."""
+    cleaning = TextCleaning(str(path))
+    count = 0
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        text = line.rstrip("\r\n")
+        if path.suffix == ".jsonl":
+            text = _jsonl_text(path, number, line)
+        try:
+            text = cleaning.clean(text, f"line {number}")
+        except UnencodableText as exc:
+            raise DataError(f"{path}, line {number}: {exc}") from None
+        if text.strip():
+            count += 1
+            yield text
+    if count == 0:
+        raise DataError(f"{path}: the file holds no text (empty or whitespace only); remove it or fill it")
+    if summary := cleaning.summary():
+        logger.warning(summary)
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        item = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        raise DataError(f"{path}, line {number}: invalid JSON; fix or remove that line") from None
+    text = item.get("text") if isinstance(item, dict) else None
+    if not isinstance(text, str):
+        raise DataError(
+            f'{path}, line {number}: no "text" string; pre-training JSON lines look like '
+            '{"text": "..."}: add the field or remove that line'
+        )
+    return text
+
+
+@dataclass
+class PretrainStats:
+    files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    blocks: int = 0
+    block_size: int = 0
+    dropped_tokens: int = 0
+
+    def report(self, name: str) -> str:
+        tail = (
+            f"the last {self.dropped_tokens} tokens (a partial block) were dropped"
+            if self.dropped_tokens
+            else "no partial block was left over"
+        )
+        return (
+            f"{name}: {self.files} files, {self.documents} documents, {self.tokens} tokens with one EOS "
+            f"per document -> {self.blocks} blocks of --block_size {self.block_size}; {tail}"
+        )
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Blocks of a flat token array (a memory map for cached data); labels equal the input ids."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int):
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.block_size
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        ids = self.tokens[index * self.block_size : (index + 1) * self.block_size].tolist()
+        return {"input_ids": ids, "labels": list(ids)}
+
+    def lengths(self) -> list[int]:
+        return [self.block_size] * len(self)
+
+    def num_tokens(self) -> int:
+        return len(self) * self.block_size
+
+
+def cache_key(files: list[Path], tokenizer: TextTokenizer, block_size: int) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        file_digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                file_digest.update(chunk)
+        digest.update(path.suffix.encode() + file_digest.digest())
+    for name in ("tokenizer.model", "tokenizer.json"):
+        path = tokenizer.directory / name
+        if path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    settings = {
+        "special": [tokenizer.eos_id, len(tokenizer)],
+        "block_size": block_size,
+        "version": PRETRAIN_VERSION,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _encode(tokenizer: TextTokenizer, texts: list[str], num_workers: int) -> list[list[int]]:
+    if tokenizer.sp is not None:
+        return tokenizer.sp.encode(texts, num_threads=max(1, num_workers))
+    return tokenizer.encode_batch(texts)
+
+
+def _write_tokens(
+    out, files: list[Path], tokenizer: TextTokenizer, num_workers: int, stats: PretrainStats
+) -> None:
+    dtype = _dtype(tokenizer)
+    for path in files:
+        stats.files += 1
+        batch: list[str] = []
+        for text in iter_documents(path):
+            batch.append(text)
+            if len(batch) == _BATCH_DOCUMENTS:
+                _flush(out, tokenizer, batch, num_workers, stats, dtype)
+                batch = []
+        _flush(out, tokenizer, batch, num_workers, stats, dtype)
+
+
+def _flush(out, tokenizer, batch, num_workers, stats, dtype) -> None:
+    if not batch:
+        return
+    ids = _encode(tokenizer, batch, num_workers)
+    flat = np.fromiter(
+        (t for doc in ids for t in (*doc, tokenizer.eos_id)),
+        dtype=dtype,
+        count=sum(len(doc) + 1 for doc in ids),
+    )
+    flat.tofile(out)
+    stats.documents += len(batch)
+    stats.tokens += len(flat)
+
+
+def build_blocks(
+    files: list[Path],
+    tokenizer: TextTokenizer,
+    block_size: int,
+    cache_dir: str | Path | None,
+    num_workers: int = 1,
+) -> tuple[BlockDataset, PretrainStats, bool]:
+    """Tokenize and block the files, or map the cached result. Returns (dataset, stats, came_from_cache).
+
+    With ``cache_dir`` None the token stream goes to a temporary file that is unlinked once mapped.
+    """
+    check_block_size(block_size, None)
+    key = cache_key(files, tokenizer, block_size)
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
+    tokens_path, stats_path = folder / f"pretrain-{key}.tokens", folder / f"pretrain-{key}.json"
+    if cache_dir is not None and tokens_path.is_file() and stats_path.is_file():
+        try:
+            saved = json.loads(stats_path.read_text())
+            dtype = np.dtype(saved.pop("dtype"))
+            stats = PretrainStats(**saved)
+            tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
+            if len(tokens) == stats.blocks * block_size:
+                return BlockDataset(tokens, block_size), stats, True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        logger.warning("ignoring unreadable pre-training cache %s; tokenizing again", tokens_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tokens.tmp")
+    except OSError as exc:
+        raise DataError(
+            f"{folder}: cannot write the tokenized data ({exc.strerror}); set --data_cache_dir"
+        ) from None
+    stats = PretrainStats(block_size=block_size)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _write_tokens(out, files, tokenizer, num_workers, stats)
+            stats.blocks = stats.tokens // block_size
+            stats.dropped_tokens = stats.tokens - stats.blocks * block_size
+            # The partial last block is cut from the file itself, so the map holds whole blocks only.
+            out.truncate(stats.blocks * block_size * np.dtype(_dtype(tokenizer)).itemsize)
+        if stats.blocks == 0:
+            raise DataError(
+                f"{files[0].parent}: the text holds {stats.tokens} tokens, fewer than one block of "
+                f"--block_size {block_size}; add text or lower --block_size"
+            )
+        tokens = np.memmap(tmp, dtype=_dtype(tokenizer), mode="r")
+        if cache_dir is not None:
+            os.replace(tmp, tokens_path)
+            _write_stats(stats_path, stats, _dtype(tokenizer))
+    finally:
+        # Without a cache the mapped file is unlinked at once: its pages live until the map is closed.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return BlockDataset(tokens, block_size), stats, False
+
+
+def _dtype(tokenizer: TextTokenizer) -> type:
+    # Two bytes a token while the vocabulary fits (LLaMA's 32000, Chinese-LLaMA's 55296), four beyond.
+    return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def _write_stats(path: Path, stats: PretrainStats, dtype: type) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as out:
+        json.dump({**asdict(stats), "dtype": np.dtype(dtype).name}, out)
+    os.replace(tmp, path)
