@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,8 @@ def test_the_cache_is_keyed_by_contents_and_memory_mapped(tokenizer, tmp_path):
     assert cached and stats_again == stats
     assert isinstance(again.tokens, np.memmap) and again.tokens.dtype == np.uint16
     assert [again[i] for i in range(len(again))] == [first[i] for i in range(len(first))]
-    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".tokens"]  # no temporary files left
+    # The entry, its report and its lock; no temporary file left.
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".tokens"]
 
     # Another block size or changed text is another cache entry.
     _, _, cached = build_blocks(find_text_files(data), tokenizer, 6, cache)
@@ -96,6 +99,25 @@ def test_the_cache_is_keyed_by_contents_and_memory_mapped(tokenizer, tmp_path):
         path.write_bytes(b"\x00")
     rebuilt, _, cached = build_blocks(find_text_files(data), tokenizer, 5, cache)
     assert not cached and len(rebuilt) == changed.blocks
+
+
+def test_processes_sharing_a_cache_tokenize_once(tokenizer, tmp_path, monkeypatch):
+    from llama_sft.data import pretrain
+
+    files = find_text_files(write_corpus(tmp_path / "data"))
+    calls, real = [], pretrain._write_tokens
+
+    def slow_write(*args):
+        calls.append(1)
+        time.sleep(0.5)  # holds the lock long enough for the other worker to arrive
+        real(*args)
+
+    monkeypatch.setattr(pretrain, "_write_tokens", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_blocks(files, tokenizer, 5, tmp_path / "cache"), range(2)))
+    assert len(calls) == 1
+    assert sorted(cached for _, _, cached in results) == [False, True]
+    assert results[0][0][0] == results[1][0][0]
 
 
 def test_a_single_file_can_be_the_dataset(tokenizer, tmp_path):
@@ -131,7 +153,8 @@ def test_bad_files_are_one_line_errors(tokenizer, tmp_path, name, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    # Nothing but the lock is left in the cache: no entry, no temporary token file.
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]
 
 
 def test_every_bad_file_is_tested():

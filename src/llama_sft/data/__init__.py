@@ -6,4 +6,5 @@ tokenizer.py  text -> token ids, identical to SentencePiece for SentencePiece mo
 encode.py     record -> input_ids + labels (the one place labels are masked), cached by content
 collate.py    examples -> right-padded batch tensors
 packing.py    examples -> one packed row without padding, position ids restarting per record
+pretrain.py   plain-text .txt/.jsonl documents -> EOS-joined blocks for pre-training, memory-mapped cache
 """

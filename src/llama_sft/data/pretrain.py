@@ -9,8 +9,9 @@ last partial block is dropped, as ``group_texts`` does, and the report says how 
 
 ``build_blocks(files, tokenizer, block_size, cache_dir)`` streams the files line by line and writes
 the token stream to disk in batches, so memory stays flat whatever the corpus size; the result is a
-memory-mapped ``BlockDataset`` keyed by the files' contents, the tokenizer and ``block_size``. Bad
-input raises ``DataError`` naming the file (and line or byte offset) and the fix.
+memory-mapped ``BlockDataset`` keyed by the files' contents, the tokenizer and ``block_size``; a file
+lock on the entry lets only the first process of a node tokenize. Bad input raises ``DataError``
+naming the file (and line or byte offset) and the fix.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from .records import DataError
 from .text import TextCleaning, UnencodableText
@@ -235,25 +237,67 @@ def build_blocks(
 ) -> tuple[BlockDataset, PretrainStats, bool]:
     """Tokenize and block the files, or map the cached result. Returns (dataset, stats, came_from_cache).
 
-    With ``cache_dir`` None the token stream goes to a temporary file that is unlinked once mapped.
+    With a ``cache_dir``, processes of one node (sharing that folder) take a file lock on the entry:
+    the first tokenizes, the others wait and map its result. With None the token stream goes to a
+    temporary file that is unlinked once mapped.
     """
     check_block_size(block_size, None)
     key = cache_key(files, tokenizer, block_size)
-    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-    tokens_path, stats_path = folder / f"pretrain-{key}.tokens", folder / f"pretrain-{key}.json"
-    if cache_dir is not None and tokens_path.is_file() and stats_path.is_file():
-        try:
-            saved = json.loads(stats_path.read_text())
-            dtype = np.dtype(saved.pop("dtype"))
-            stats = PretrainStats(**saved)
-            tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
-            if len(tokens) == stats.blocks * block_size:
-                return BlockDataset(tokens, block_size), stats, True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        logger.warning("ignoring unreadable pre-training cache %s; tokenizing again", tokens_path)
+    if cache_dir is None:
+        return (
+            *_tokenize(files, tokenizer, block_size, Path(tempfile.gettempdir()), None, num_workers),
+            False,
+        )
+    folder = Path(cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / f"pretrain-{key}.lock")
+        lock.acquire()
+    except OSError as exc:
+        raise DataError(
+            f"{folder}: cannot write the tokenized data ({exc.strerror}); point --data_cache_dir at a "
+            "writable folder"
+        ) from None
+    try:
+        cached = _load_cached(folder / f"pretrain-{key}", block_size)
+        if cached is not None:
+            return (*cached, True)
+        return (
+            *_tokenize(files, tokenizer, block_size, folder, folder / f"pretrain-{key}", num_workers),
+            False,
+        )
+    finally:
+        lock.release()
+
+
+def _load_cached(stem: Path, block_size: int) -> tuple[BlockDataset, PretrainStats] | None:
+    tokens_path, stats_path = stem.with_suffix(".tokens"), stem.with_suffix(".json")
+    if not (tokens_path.is_file() and stats_path.is_file()):
+        return None
+    try:
+        saved = json.loads(stats_path.read_text())
+        dtype = np.dtype(saved.pop("dtype"))
+        stats = PretrainStats(**saved)
+        tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
+        if len(tokens) == stats.blocks * block_size:
+            return BlockDataset(tokens, block_size), stats
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    logger.warning("ignoring unreadable pre-training cache %s; tokenizing again", tokens_path)
+    return None
+
+
+def _tokenize(
+    files: list[Path],
+    tokenizer: TextTokenizer,
+    block_size: int,
+    folder: Path,
+    stem: Path | None,
+    num_workers: int,
+) -> tuple[BlockDataset, PretrainStats]:
+    """Streams the token stream into a temporary file in ``folder``, renamed to ``stem.tokens`` when given."""
+    dtype = _dtype(tokenizer)
+    try:
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tokens.tmp")
     except OSError as exc:
         raise DataError(
@@ -266,21 +310,21 @@ def build_blocks(
             stats.blocks = stats.tokens // block_size
             stats.dropped_tokens = stats.tokens - stats.blocks * block_size
             # The partial last block is cut from the file itself, so the map holds whole blocks only.
-            out.truncate(stats.blocks * block_size * np.dtype(_dtype(tokenizer)).itemsize)
+            out.truncate(stats.blocks * block_size * np.dtype(dtype).itemsize)
         if stats.blocks == 0:
             raise DataError(
                 f"{files[0].parent}: the text holds {stats.tokens} tokens, fewer than one block of "
                 f"--block_size {block_size}; add text or lower --block_size"
             )
-        tokens = np.memmap(tmp, dtype=_dtype(tokenizer), mode="r")
-        if cache_dir is not None:
-            os.replace(tmp, tokens_path)
-            _write_stats(stats_path, stats, _dtype(tokenizer))
+        tokens = np.memmap(tmp, dtype=dtype, mode="r")
+        if stem is not None:
+            os.replace(tmp, stem.with_suffix(".tokens"))
+            _write_stats(stem.with_suffix(".json"), stats, dtype)
     finally:
         # Without a cache the mapped file is unlinked at once: its pages live until the map is closed.
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return BlockDataset(tokens, block_size), stats, False
+    return BlockDataset(tokens, block_size), stats
 
 
 def _dtype(tokenizer: TextTokenizer) -> type:
