@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed JIT-builds a CPU op once; keep the build beside the project so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv demo test lint format bench bench-quick clean browser fuzz
+.PHONY: venv demo test lint format bench bench-quick clean browser fuzz llama-cpp
 
 venv: $(STAMP)
 
@@ -37,7 +37,20 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
-test: lint browser
+# llama.cpp's Python binding for the GGUF export tests. PyPI has only its source: it is compiled once
+# (minutes) into a wheel under .venv/wheels and installed from there when missing.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS := $(VENV)/wheels
+llama-cpp: venv
+	@$(BIN)/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_VERSION)')" 2>/dev/null || { \
+	  ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+	    $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) \
+	      llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	  $(BIN)/python -m pip install -q --only-binary llama-cpp-python --find-links $(WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+
+test: lint browser llama-cpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 # A long random search of every input surface (tests/test_fuzz.py), round after round with new seeds,

@@ -38,6 +38,12 @@ def cmd_merge_tokenizer(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_export(argv: list[str]) -> None:
+    from .tools.export import main
+
+    main(argv)
+
+
 def cmd_chat(argv: list[str]) -> None:
     from .tools.chat import main
 
@@ -55,6 +61,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "merge": cmd_merge,
     "merge-tokenizer": cmd_merge_tokenizer,
+    "export": cmd_export,
     "chat": cmd_chat,
     "serve": cmd_serve,
 }

@@ -1,0 +1,576 @@
+"""``llama-sft export``: a base model plus LoRAs (or a merged model) -> one GGUF file for llama.cpp and Ollama.
+
+Contract: ``export(base_model, lora_models, output_file, outtype)`` reads the same folders as ``merge``
+(a Hugging Face LLaMA folder; LoRA folders applied in order, folded in as ``merge`` folds them) and
+writes ``output_file`` (GGUF, for llama.cpp's ``llama`` graph) and ``OUTPUT.Modelfile`` beside it
+(Ollama). Everything is written through the ``gguf`` package: its writer, key names, tensor-name
+map and quantisers.
+
+* Tensors: ``f32``, ``f16``, ``bf16`` or ``q8_0``; norms (1-D) stay float32, as llama.cpp's own
+  converter keeps them; a matrix whose rows do not split into 32-value blocks falls back to f16 in
+  ``q8_0``. The q/k rows are put in llama.cpp's rotary order (Meta's interleaved pairs, the inverse of
+  the permutation the Hugging Face conversion applied), per key/value head for grouped-query attention.
+* Metadata: context length, sizes, head counts (grouped key/value heads included), RoPE base and
+  linear or YaRN scaling, RMS epsilon; the SentencePiece vocabulary with scores and token types
+  (normal, unknown, control, user-defined, byte; rows past the tokenizer are unused fillers), the
+  BOS/EOS/UNK/pad ids, the add-BOS flag and the space prefix; the prompt template (``template.json``
+  of the last LoRA that has one, else the base's) as the Jinja ``tokenizer.chat_template`` that
+  ``merge`` writes into tokenizer_config.json.
+* Streaming: one base shard is open (memory-mapped) at a time and each tensor is written as soon as it
+  is merged and converted, so memory stays about one shard plus the adapters (docs/export.md).
+* Safety: everything is read and checked before the first byte is written; the file is written under
+  a temporary name in the output folder and renamed into place; an existing output is refused unless
+  ``overwrite``; a disk without room for the file is refused before writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..checks import MODEL_CONFIG, ModelError, has_tokenizer
+from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from ..data.tokenizer import SP_MODEL, TextTokenizer, TokenizerError
+from .merge import (
+    EMBED_KEY,
+    Adapter,
+    BaseModel,
+    _open_weights,
+    _output_tokenizer,
+    merged_tensor,
+    plan_shapes,
+    read_adapter,
+    read_base_model,
+    unpermute,
+)
+
+logger = logging.getLogger(__name__)
+
+QTYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+ARCH = gguf.MODEL_ARCH.LLAMA
+ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
+# Hugging Face classes whose weights are llama.cpp's LLaMA graph.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Buffers some older checkpoints saved; llama.cpp computes them.
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+# The space a file needs beyond its tensors (header, vocabulary), and a margin for the rest of the disk.
+DISK_MARGIN = 64 * 2**20
+
+
+class ExportError(ValueError):
+    """A flag that cannot be honoured (output type, output file). Problems with the model, adapter,
+    vocabulary or tokenizer are ``ModelError``, as in train, merge and chat."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters
+
+
+def _config_file(base: BaseModel) -> Path:
+    return base.folder / MODEL_CONFIG
+
+
+def check_architecture(base: BaseModel) -> None:
+    """Refuse what llama.cpp's LLaMA graph would load wrongly or not at all."""
+    config, where = base.config, _config_file(base)
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or list(SUPPORTED_ARCHITECTURES)
+    if model_type != "llama" or not set(architectures) <= set(SUPPORTED_ARCHITECTURES):
+        found = f"model_type {model_type!r}, architectures {architectures}"
+        raise ModelError(
+            f"{where}: {found}; llama-sft export writes llama.cpp's LLaMA graph (model_type 'llama', "
+            "LlamaForCausalLM); convert other architectures with llama.cpp's convert_hf_to_gguf.py"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ModelError(
+                f"{where}: {flag} is true; llama-sft export writes LLaMA models without bias vectors; "
+                "convert this model with llama.cpp's convert_hf_to_gguf.py"
+            )
+    rope_parameters(base)
+
+
+def rope_parameters(base: BaseModel) -> tuple[float, dict]:
+    """(RoPE base, scaling) from config.json, in either transformers 4's or 5's spelling."""
+    config = base.config
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("default", None):
+        return theta, {}
+    if kind in ("linear", "yarn") and isinstance(params.get("factor"), int | float):
+        return theta, {"type": kind, **params}
+    raise ModelError(
+        f"{_config_file(base)}: RoPE scaling {kind!r}; llama-sft export writes none, linear or yarn "
+        "scaling (with a 'factor'); convert this model with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def write_hparams(writer: gguf.GGUFWriter, base: BaseModel, rows: int, outtype: str, name: str) -> None:
+    config = base.config
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[outtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    if head_dim * heads != config["hidden_size"]:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(rows)
+    theta, scaling = rope_parameters(base)
+    writer.add_rope_freq_base(theta)
+    if scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["type"]))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        if scaling["type"] == "yarn":
+            original = scaling.get("original_max_position_embeddings")
+            if original:
+                writer.add_rope_scaling_orig_ctx_len(int(original))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+
+
+@dataclass
+class Vocabulary:
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    pad_id: int | None
+    add_bos: bool
+    add_space_prefix: bool
+
+
+def _model_proto(path: Path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto
+
+
+def check_sentencepiece(tokenizer: TextTokenizer | None, where: Path):
+    """The tokenizer's SentencePiece model, if llama.cpp's "llama" tokenizer reproduces it."""
+    supported = (
+        "llama-sft export writes SentencePiece vocabularies (tokenizer.model: LLaMA's 32000 pieces, "
+        "Chinese-LLaMA's 49953, Chinese-Alpaca's 49954, Chinese-LLaMA-2's 55296)"
+    )
+    if tokenizer is None:
+        raise ModelError(
+            f"{where}: no tokenizer in the LoRA folders or the base model; {supported}: put one there"
+        )
+    if tokenizer.sp is None:
+        raise ModelError(
+            f"{tokenizer.directory}: has tokenizer.json but no {SP_MODEL}; {supported}: put the "
+            f"{SP_MODEL} the model was trained with in this folder"
+        )
+    model_file = tokenizer.directory / SP_MODEL
+    proto = _model_proto(model_file)
+    kind = proto.trainer_spec.model_type
+    normalizer = proto.normalizer_spec
+    # llama.cpp reproduces SentencePiece's BPE segmentation by piece scores, without normalisation.
+    if kind != proto.trainer_spec.BPE:
+        raise ModelError(
+            f"{model_file}: a SentencePiece {proto.trainer_spec.ModelType.Name(kind)} model; llama.cpp "
+            "tokenizes like SentencePiece only for BPE models (as LLaMA's); export a model with a BPE tokenizer"
+        )
+    if normalizer.name not in ("identity", "") or normalizer.remove_extra_whitespaces:
+        raise ModelError(
+            f"{model_file}: normalizes text ({normalizer.name}, remove_extra_whitespaces "
+            f"{normalizer.remove_extra_whitespaces}); llama.cpp does not, so it would tokenize differently. "
+            "Train the tokenizer with normalization_rule_name=identity as LLaMA's is"
+        )
+    return proto
+
+
+def read_vocabulary(tokenizer: TextTokenizer, rows: int) -> Vocabulary:
+    """The model's ``rows`` tokens as llama.cpp's SentencePiece ("llama") vocabulary."""
+    proto = check_sentencepiece(tokenizer, tokenizer.directory)
+    normalizer = proto.normalizer_spec
+    sp = tokenizer.sp
+    tokens, scores, types = [], [], []
+    for piece in proto.pieces:
+        tokens.append(piece.piece.encode("utf-8"))
+        scores.append(piece.score)
+        # SentencePiece's piece types are numbered as gguf.TokenType (normal 1 ... byte 6).
+        types.append(int(gguf.TokenType(piece.type)))
+    for content, token_id in sorted(tokenizer.added.items(), key=lambda kv: kv[1]):
+        if token_id < rows:
+            assert token_id == len(tokens), "added tokens follow the SentencePiece pieces"
+            tokens.append(content.encode("utf-8"))
+            scores.append(-1000.0)
+            # A special token: matched only where special tokens are parsed, as SentencePiece never matches it.
+            types.append(int(gguf.TokenType.CONTROL))
+    for filler in range(len(tokens), rows):
+        tokens.append(f"[PAD{filler}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    add_bos = tokenizer.config.get("add_bos_token", True)
+    return Vocabulary(
+        tokens=tokens,
+        scores=scores,
+        types=types,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        unk_id=sp.unk_id(),
+        pad_id=tokenizer.pad_id if tokenizer.pad_id < rows else None,
+        add_bos=bool(add_bos) if isinstance(add_bos, bool) else True,
+        add_space_prefix=normalizer.add_dummy_prefix,
+    )
+
+
+def write_vocabulary(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    if vocab.pad_id is not None:
+        writer.add_pad_token_id(vocab.pad_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(vocab.add_space_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+@dataclass
+class TensorPlan:
+    key: str  # the Hugging Face name
+    name: str  # the GGUF name
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    permute_heads: int | None  # q/k: the head count their rows are grouped by
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * size
+
+
+def plan_tensors(base: BaseModel, shapes: dict[str, tuple[int, ...]], outtype: str) -> list[TensorPlan]:
+    config = base.config
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    names = gguf.get_tensor_name_map(ARCH, config["num_hidden_layers"])
+    plans = []
+    for path in base.files:
+        for key in base.keys[path]:
+            if key.endswith(SKIPPED_SUFFIXES):
+                continue
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ModelError(
+                    f"{path}: holds {key}, which llama.cpp's LLaMA graph has no place for; "
+                    "export a plain LlamaForCausalLM model"
+                )
+            shape = shapes[key]
+            qtype = QTYPES[outtype]
+            if len(shape) == 1:
+                qtype = gguf.GGMLQuantizationType.F32  # norms stay float32
+            elif qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+                qtype = gguf.GGMLQuantizationType.F16
+            permute = heads if key.endswith("self_attn.q_proj.weight") else None
+            permute = kv_heads if key.endswith("self_attn.k_proj.weight") else permute
+            plans.append(TensorPlan(key, name, shape, qtype, permute))
+    return plans
+
+
+def convert(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
+    if plan.permute_heads is not None:
+        # Hugging Face keeps each head's rotary halves apart; llama.cpp rotates adjacent pairs (Meta's order).
+        tensor = unpermute(tensor, plan.permute_heads)
+    data = tensor.detach().to(torch.float32).numpy()
+    return gguf.quants.quantize(data, plan.qtype)
+
+
+def iter_tensors(base: BaseModel, adapters: list[Adapter], plans: list[TensorPlan]):
+    """(plan, merged tensor), in plan order, one base file open at a time."""
+    by_key = {plan.key: plan for plan in plans}
+    for path in base.files:
+        with _open_weights(path) as get:
+            for key in base.keys[path]:
+                if key in by_key:
+                    yield by_key[key], merged_tensor(key, get(key), adapters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ollama
+
+
+def _go_literal(text: str) -> str:
+    """Text as it must appear in a Go template to come out unchanged."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def _go_prompt(prompt: str, system: str) -> str:
+    out = []
+    for number, part in enumerate(prompt.split("{instruction}")):
+        if number:
+            out.append("{{ .Content }}")
+        pieces = part.split("{system_prompt}")
+        out.append(f"{{{{ {system} }}}}".join(_go_literal(piece) for piece in pieces))
+    return "".join(out)
+
+
+def _go_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a Go string literal
+
+
+def ollama_template(template: Template, eos: str) -> str:
+    """The prompt template in Ollama's Go template language, laying out a conversation as the
+    Jinja ``chat_template`` (and so ``prompt_ids``) does: the first prompt (its system prompt from a
+    system message or the template's), each answer after a space where the prompt does not end in
+    whitespace, then the end-of-turn token, and BOS + the follow-up prompt for each later turn. The
+    first BOS is not written: Ollama adds it, as the GGUF's add-BOS flag says."""
+    followup = template.followup_prompt if template.followup_prompt is not None else template.prompt
+    no_system = getattr(template, "prompt_no_system", None)
+    end = getattr(template, "end_of_turn", None) or eos
+    after = getattr(template, "after_answer", "") or ""
+    later_bos = "<s>" if getattr(template, "bos", "every_turn") == "every_turn" else ""
+    space = "" if template.prompt[-1:].isspace() else " "
+    if template.system_prompt is None:
+        first = _go_prompt(template.prompt, "$system")
+        if no_system is not None:
+            first = (
+                f"{{{{- if $system }}}}{first}{{{{- else }}}}{_go_prompt(no_system, '$system')}{{{{- end }}}}"
+            )
+        system = '{{- $system := "" }}'
+    else:
+        first = _go_prompt(template.prompt, "$system")
+        system = f"{{{{- $system := {_go_string(template.system_prompt)} }}}}"
+    return (
+        f"{system}{{{{- if .System }}}}{{{{ $system = .System }}}}{{{{- end }}}}"
+        "{{- $first := true }}"
+        "{{- range .Messages }}"
+        '{{- if eq .Role "user" }}'
+        f"{{{{- if $first }}}}{first}"
+        f"{{{{- else }}}}{_go_literal(later_bos)}{_go_prompt(followup, '$system')}{{{{- end }}}}"
+        "{{- $first = false }}"
+        f'{{{{- else if eq .Role "assistant" }}}}{space}{{{{ .Content }}}}{_go_literal(end + after)}'
+        "{{- end }}{{- end }}"
+    )
+
+
+def stop_strings(template: Template, eos: str) -> list[str]:
+    """The end-of-turn token, and the start of the next instruction (the last line before
+    ``{instruction}`` in the follow-up prompt), so a model that runs on into a new turn stops."""
+    followup = template.followup_prompt if template.followup_prompt is not None else template.prompt
+    lead = [line.strip() for line in followup.split("{instruction}")[0].splitlines() if line.strip()]
+    stops = [getattr(template, "end_of_turn", None) or eos]
+    if lead and "{system_prompt}" not in lead[-1]:
+        stops.append(lead[-1])
+    return stops
+
+
+def modelfile(gguf_name: str, template: Template, eos: str) -> str:
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(template, eos)}"""']
+    lines += [f"PARAMETER stop {_go_string(stop)}" for stop in stop_strings(template, eos)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def modelfile_path(output_file: Path) -> Path:
+    return output_file.with_name(f"{output_file.stem}.Modelfile")
+
+
+def _pick_template(base: BaseModel, adapters: list[Adapter], name: str | None) -> Template | None:
+    if name is not None:
+        return load_template(name)
+    for folder in [*(a.folder for a in reversed(adapters)), base.folder]:
+        if (folder / TEMPLATE_FILE).is_file():
+            return load_template(folder)
+    return None
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.suffix != ".gguf":
+        raise ExportError(
+            f"--output_file {out}: name the file NAME.gguf (llama.cpp and Ollama look for .gguf)"
+        )
+    for path in (out, modelfile_path(out)):
+        if path.is_dir():
+            raise ExportError(
+                f"--output_file {path}: is a folder; give a file name such as {path}/model.gguf"
+            )
+        if path.exists() and not overwrite:
+            raise ExportError(
+                f"{path}: already exists; pass --overwrite to replace it, or choose another --output_file"
+            )
+    if not out.parent.is_dir():
+        raise ExportError(f"--output_file {out}: the folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"--output_file {out}: the folder {out.parent} is not writable; choose another")
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out.parent).free
+    if free < needed + DISK_MARGIN:
+        raise ExportError(
+            f"{out}: needs about {needed / 2**30:.2f} GiB but {out.parent} has {free / 2**30:.2f} GiB free; "
+            "free some space or choose another --output_file"
+        )
+
+
+def export(
+    base_model: str | Path,
+    lora_models: list[str | Path] = (),
+    output_file: str | Path = "model.gguf",
+    outtype: str = "f16",
+    overwrite: bool = False,
+    prompt_template: str | None = None,
+) -> Path:
+    if outtype not in QTYPES:
+        raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(QTYPES)}")
+    out = Path(output_file)
+    _check_output(out, overwrite)
+    base = read_base_model(base_model)
+    check_architecture(base)
+    adapters = [read_adapter(folder, base) for folder in lora_models]
+    # The kind of tokenizer first: no vocabulary size can make a tokenizer.json-only one exportable.
+    given = next((a.tokenizer for a in reversed(adapters) if a.tokenizer is not None), None)
+    if given is None and has_tokenizer(base.folder):
+        given = TextTokenizer.load(base.folder)
+    check_sentencepiece(given, Path(lora_models[-1]) if lora_models else base.folder)
+    shapes = plan_shapes(base, adapters)
+    rows = shapes[EMBED_KEY][0]
+    vocab = read_vocabulary(_output_tokenizer(base, adapters, rows), rows)
+    template = _pick_template(base, adapters, prompt_template)
+    if template is None:
+        logger.warning(
+            "no %s with the LoRA or the model and no --prompt_template: using alpaca", TEMPLATE_FILE
+        )
+        template = load_template("alpaca")
+    plans = plan_tensors(base, shapes, outtype)
+    needed = sum(plan.nbytes for plan in plans) + sum(map(len, vocab.tokens)) + len(vocab.tokens) * 16
+    _check_disk(out, needed)
+
+    name = Path(lora_models[-1]).name if lora_models else base.folder.name
+    writer = gguf.GGUFWriter(None, ARCH_NAME)
+    write_hparams(writer, base, rows, outtype, name)
+    write_vocabulary(writer, vocab)
+    writer.add_chat_template(template.chat_template())
+    for plan in plans:
+        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_modelfile = out.with_name(f".{modelfile_path(out).name}.tmp-{os.getpid()}")
+    logger.info(
+        "exporting %s%s to %s (%s, %d tensors, about %.1f MB)",
+        base.folder,
+        "".join(f" + {a.folder}" for a in adapters),
+        out,
+        outtype,
+        len(plans),
+        needed / 2**20,
+    )
+    try:
+        writer.open_output_file(tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan, tensor in iter_tensors(base, adapters, plans):
+            writer.write_tensor_data(convert(tensor, plan))
+        writer.close()
+        tmp_modelfile.write_text(modelfile(out.name, template, vocab.tokens[vocab.eos_id].decode()))
+        os.replace(tmp, out)
+        os.replace(tmp_modelfile, modelfile_path(out))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(
+                f"{out}: the disk filled up while writing; free some space or choose another --output_file"
+            ) from None
+        raise
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        tmp_modelfile.unlink(missing_ok=True)
+    logger.info("wrote %s (%.1f MB) and %s", out, out.stat().st_size / 2**20, modelfile_path(out).name)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-sft export",
+        description="Write a GGUF file for llama.cpp and Ollama from a base model plus LoRAs, or a merged model.",
+    )
+    parser.add_argument(
+        "--base_model", required=True, help="Hugging Face LLaMA folder: the base, or a merged/full model."
+    )
+    parser.add_argument(
+        "--lora_model",
+        default="",
+        help="LoRA folder(s), comma-separated, folded in in this order (none for a merged model).",
+    )
+    parser.add_argument(
+        "--output_file", required=True, help="The .gguf file to write (OUT.Modelfile beside it)."
+    )
+    parser.add_argument(
+        "--outtype",
+        default="f16",
+        help="Tensor type: f32, f16 (default), bf16 or q8_0 (8-bit blocks); norms stay f32.",
+    )
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="Template name or JSON file. Default: template.json of the last LoRA, then of the model.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    loras = [part.strip() for part in args.lora_model.split(",") if part.strip()]
+    try:
+        out = export(
+            args.base_model, loras, args.output_file, args.outtype, args.overwrite, args.prompt_template
+        )
+    except (ModelError, ExportError, TokenizerError, TemplateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"GGUF written to {out}; Ollama: ollama create NAME -f {modelfile_path(out)}")
