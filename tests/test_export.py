@@ -9,17 +9,14 @@ transformers and ``llama-sft chat``; its tokenizer (and the real 32000/55296-pie
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import corpus, shared_path
 from lora_helpers import peft_reference, write_base, write_lora
+from memory_probe import measure
 
 from llama_sft.cli import main as cli_main
 from llama_sft.data.templates import Template, load_template, prompt_ids
@@ -31,7 +28,6 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed: `make test` builds and installs it once"
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_NEW = 16
 # Text where segmenters part ways: spaces in runs and at the ends, newlines, tabs, digits,
 # characters only byte fallback can spell, mixed scripts.
@@ -384,27 +380,6 @@ def test_logits_equal_transformers_for_gqa_and_rope_scaling(
 
 # ----------------------------------------------------------------------------------- streaming
 
-MEMORY_PROBE = textwrap.dedent(
-    """
-    import json, sys, time
-    from llama_sft.tools.export import export
-    import gguf, transformers, peft, safetensors.torch  # imported before measuring
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-    import torch
-    (torch.randn(512, 8) @ torch.randn(8, 512)).sum()
-    before = status("VmRSS")
-    start = time.perf_counter()
-    export(sys.argv[1], [sys.argv[2]], sys.argv[3], sys.argv[4])
-    seconds = time.perf_counter() - start
-    print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds}))
-    """
-)
-
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_export_peak_memory_is_about_one_shard(tmp_path, tokenizer_dir, outtype):
@@ -419,14 +394,16 @@ def test_export_peak_memory_is_about_one_shard(tmp_path, tokenizer_dir, outtype)
     lora = write_lora(base, tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], r=8)
     TextTokenizer.load(tokenizer_dir).save(lora)
     largest = max(p.stat().st_size for p in base.glob("model-*.safetensors"))
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "m.gguf"
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(base), str(lora), str(out), outtype],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
-    growth = numbers["peak"] - numbers["before"]
+    numbers = measure(
+        "from llama_sft.tools.export import export",
+        "export(argv[0], [argv[1]], argv[2], argv[3])",
+        base,
+        lora,
+        out,
+        outtype,
+    )
+    growth = numbers["growth"]
     print(
         f"{outtype}: model {total / 2**20:.0f} MB in {shards} shards (largest {largest / 2**20:.0f} MB); "
         f"export peak RSS growth {growth / 2**20:.0f} MB, {numbers['seconds']:.1f} s, "

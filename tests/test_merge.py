@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from lora_helpers import load_model, logits, peft_reference, write_base, write_lora
+from memory_probe import measure
 from transformers import AutoModelForCausalLM
 
 from llama_sft.cli import main as cli_main
 from llama_sft.tools.demo import make_tokenizer
 from llama_sft.tools.merge import merge, meta_params, permute
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def merged_logits_diff(base: Path, loras: list[Path], out: Path) -> float:
@@ -292,27 +287,6 @@ def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------- memory
 
-MEMORY_PROBE = textwrap.dedent(
-    """
-    import json, sys
-    from llama_sft.tools.merge import merge
-    import transformers, peft, safetensors.torch  # what merge may import lazily, loaded before measuring
-
-    def status(field):
-        # VmHWM, not getrusage: ru_maxrss of a child started by fork+exec includes its parent's RSS.
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-    import torch
-    # BLAS sets up its threads and buffers on the first product: a fixed cost, not the merge's.
-    (torch.randn(512, 8) @ torch.randn(8, 512)).sum()
-    before = status("VmRSS")
-    merge(sys.argv[1], [sys.argv[2]], "huggingface", sys.argv[3])
-    print(json.dumps({"before": before, "peak": status("VmHWM")}))
-    """
-)
-
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_peak_memory_is_about_one_shard(tmp_path, use_dora):
@@ -327,16 +301,13 @@ def test_merge_peak_memory_is_about_one_shard(tmp_path, use_dora):
         base, tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], r=8, use_dora=use_dora
     )
     largest = max(p.stat().st_size for p in base.glob("model-*.safetensors"))
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(base), str(lora), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
-    growth = numbers["peak"] - numbers["before"]
+    growth = measure(
+        "from llama_sft.tools.merge import merge",
+        "merge(argv[0], [argv[1]], 'huggingface', argv[2])",
+        base,
+        lora,
+        tmp_path / "out",
+    )["growth"]
     print(
         f"model {total / 2**20:.0f} MB in {shards} shards (largest {largest / 2**20:.0f} MB); "
         f"merge peak RSS growth {growth / 2**20:.0f} MB"

@@ -532,43 +532,46 @@ def export(
     return out
 
 
+OPTIONS = (
+    (
+        "--base_model",
+        {"required": True, "help": "Hugging Face LLaMA folder: the base, or a merged/full model."},
+    ),
+    ("--lora_model", {"default": "", "help": "LoRA folder(s), comma-separated, folded in in this order."}),
+    ("--output_file", {"required": True, "help": "The .gguf file to write (OUT.Modelfile beside it)."}),
+    (
+        "--outtype",
+        {"default": "f16", "help": f"Tensor type: {', '.join(QTYPES)} (default f16); norms stay f32."},
+    ),
+    (
+        "--prompt_template",
+        {"help": "Template name or JSON file. Default: template.json of the last LoRA, then the model's."},
+    ),
+    ("--overwrite", {"action": "store_true", "help": "Replace an existing output file (and its Modelfile)."}),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-sft export",
         description="Write a GGUF file for llama.cpp and Ollama from a base model plus LoRAs, or a merged model.",
     )
-    parser.add_argument(
-        "--base_model", required=True, help="Hugging Face LLaMA folder: the base, or a merged/full model."
-    )
-    parser.add_argument(
-        "--lora_model",
-        default="",
-        help="LoRA folder(s), comma-separated, folded in in this order (none for a merged model).",
-    )
-    parser.add_argument(
-        "--output_file", required=True, help="The .gguf file to write (OUT.Modelfile beside it)."
-    )
-    parser.add_argument(
-        "--outtype",
-        default="f16",
-        help="Tensor type: f32, f16 (default), bf16 or q8_0 (8-bit blocks); norms stay f32.",
-    )
-    parser.add_argument(
-        "--prompt_template",
-        default=None,
-        help="Template name or JSON file. Default: template.json of the last LoRA, then of the model.",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
+    for flag, settings in OPTIONS:
+        parser.add_argument(flag, **settings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    loras = [part.strip() for part in args.lora_model.split(",") if part.strip()]
     try:
         out = export(
-            args.base_model, loras, args.output_file, args.outtype, args.overwrite, args.prompt_template
+            args.base_model,
+            [part.strip() for part in args.lora_model.split(",") if part.strip()],
+            args.output_file,
+            args.outtype,
+            args.overwrite,
+            args.prompt_template,
         )
     except (ModelError, ExportError, TokenizerError, TemplateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
