@@ -10,7 +10,7 @@ import torch
 from lora_helpers import peft_reference, write_lora
 
 from llama_sft.cli import main as cli_main
-from llama_sft.data.templates import load_template
+from llama_sft.data.templates import Template, load_template
 from llama_sft.tools.chat import Conversation, GenerationSettings, TextStream, generate_ids, read_instructions
 from llama_sft.tools.chat import main as chat_main
 from llama_sft.tools.demo import greedy_answer, make_model, make_tokenizer
@@ -169,10 +169,18 @@ def test_conversation_prompt_layout_and_trimming():
     assert trimmed == [1] + tokenizer.encode(template.render("more")) + [600, 2] + [1] + tokenizer.encode(
         "[INST] last [/INST]"
     )
-    # alpaca has no multi-turn format: every prompt stands alone.
-    single = Conversation(load_template("alpaca"), tokenizer, 10_000)
+    # alpaca's later turns are ### Instruction/### Response blocks after the previous answer.
+    alpaca = load_template("alpaca")
+    later = Conversation(alpaca, tokenizer, 10_000)
+    later.add("hi", [5])
+    assert later.prompt("x") == [1] + tokenizer.encode(alpaca.render("hi")) + [5, 2] + [1] + tokenizer.encode(
+        "### Instruction:\nx\n\n### Response: "
+    )
+    # A template without a multi-turn format (a template.json saved before alpaca had one): every
+    # prompt stands alone.
+    single = Conversation(Template("old-alpaca", alpaca.prompt), tokenizer, 10_000)
     single.add("hi", [5])
-    assert single.prompt("x") == [1] + tokenizer.encode(load_template("alpaca").render("x"))
+    assert single.prompt("x") == [1] + tokenizer.encode(alpaca.render("x"))
 
 
 def test_stream_holds_back_partial_characters(tiny):

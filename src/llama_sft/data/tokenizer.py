@@ -168,6 +168,18 @@ class TextTokenizer:
             return self.sp.encode(texts)
         return self.hf(texts, add_special_tokens=False)["input_ids"]
 
+    def token_id(self, text: str) -> int | None:
+        """The id of a token written as ``text`` (a special token such as ``<|im_end|>``), or None
+        when the vocabulary has no such single token."""
+        if text in self.added:
+            return self.added[text]
+        if self.sp is not None:
+            piece_id = self.sp.piece_to_id(text)
+            return (
+                None if piece_id == self.sp.unk_id() and text != self.sp.id_to_piece(piece_id) else piece_id
+            )
+        return self.hf.get_vocab().get(text)
+
     def decode(self, ids: list[int]) -> str:
         if self.sp is not None:
             return self.sp.decode([i for i in ids if i < self.base_size])
