@@ -104,6 +104,13 @@ class DataArguments:
         default=None,
         metadata={"help": "System prompt for templates that have one (default: the template's)."},
     )
+    train_on_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Which assistant turns of a conversation are trained: all, or only the last one kept.",
+            "choices": ["all", "last"],
+        },
+    )
     packing: bool = field(
         default=True,
         metadata={

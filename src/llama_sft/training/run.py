@@ -284,6 +284,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             cache_dir,
             workers,
             extra_key=f"train{len(train_records)}",
+            train_on_turns=args.data.train_on_turns,
         )
         eval_set, eval_stats = None, EncodeStats()
         if eval_records:
@@ -296,6 +297,7 @@ def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
                 cache_dir,
                 workers,
                 extra_key=f"eval{len(eval_records)}",
+                train_on_turns=args.data.train_on_turns,
             )
     if training.local_process_index != 0 and not from_cache:
         logger.warning(
