@@ -145,6 +145,55 @@ def empty_dataset_dir(w: World):
 
 # (name, setup, fragments the one-line message must contain)
 CASES = [
+    (
+        "conversation file mixing formats",
+        put_in_dataset("conversation_mixed_formats.jsonl"),
+        [
+            "conversation_mixed_formats.jsonl, record 1: the record is OpenAI messages but record 0 is ShareGPT"
+        ],
+    ),
+    (
+        "conversation with an unknown role",
+        put_in_dataset("conversation_unknown_role.json"),
+        ["conversation_unknown_role.json, record 1, turn 1: unknown 'from' 'function_call'"],
+    ),
+    (
+        "conversation opening with the assistant",
+        put_in_dataset("conversation_assistant_first.json"),
+        [
+            "conversation_assistant_first.json, record 0, turn 0: the conversation opens with an assistant turn"
+        ],
+    ),
+    (
+        "conversation with two user turns running",
+        put_in_validation("conversation_two_user_turns.jsonl"),
+        ["conversation_two_user_turns.jsonl, record 1, turn 1: two user turns running"],
+    ),
+    (
+        "conversation with a late system turn",
+        put_in_dataset("conversation_late_system.json"),
+        ["conversation_late_system.json, record 0, turn 2: a system turn after the first turn"],
+    ),
+    (
+        "conversation with an empty answer",
+        put_in_dataset("conversation_empty_content.json"),
+        ["conversation_empty_content.json, record 0, turn 1: 'value' is empty"],
+    ),
+    (
+        "conversation content not a string",
+        put_in_dataset("conversation_content_not_string.json"),
+        ["conversation_content_not_string.json, record 0, turn 0: 'content' must be a string, found a list"],
+    ),
+    (
+        "conversation without an assistant turn",
+        put_in_dataset("conversation_no_assistant.json"),
+        ["conversation_no_assistant.json, record 1: the conversation has no assistant turn"],
+    ),
+    (
+        "history not pairs",
+        put_in_dataset("history_not_pairs.json"),
+        ["history_not_pairs.json, record 0, history turn 1: expected a [user, assistant] pair"],
+    ),
     ("truncated JSON", put_in_dataset("truncated.json"), ["truncated.json: invalid JSON at line 2"]),
     ("object instead of list", put_in_dataset("object_not_list.json"), ["object_not_list.json", "JSON list"]),
     (

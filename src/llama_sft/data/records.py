@@ -180,7 +180,7 @@ def load_records(path: str | Path) -> list[Record]:
         this = record_format(item)
         if this != kind:
             raise DataError(
-                f"{path}, record {index}: a {FORMAT_NAMES[this]} record in a file whose record 0 is "
+                f"{path}, record {index}: the record is {FORMAT_NAMES[this]} but record 0 is "
                 f"{FORMAT_NAMES[kind]}; keep one format per file (split the file)"
             )
         if kind == "alpaca":
