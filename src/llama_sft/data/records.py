@@ -187,7 +187,7 @@ def load_records(path: str | Path) -> list[Record]:
             records.append(_to_record(item, path, index, cleaning))
             continue
         system, messages = read_messages(item, kind, f"{path}, record {index}", cleaning, index)
-        records.append(_conversation_record(system, messages, f"{path}, record {index}"))
+        records.append(conversation_record(system, messages, f"{path}, record {index}"))
         unanswered += messages[-1][0] == "user"
     if not records:
         raise DataError(f"{path}: the file holds no records")
@@ -250,7 +250,7 @@ def read_messages(
     return system, messages
 
 
-def _conversation_record(system: str | None, messages: list[tuple[str, str]], where: str) -> Record:
+def conversation_record(system: str | None, messages: list[tuple[str, str]], where: str) -> Record:
     if messages[-1][0] == "user":
         messages = messages[:-1]
     if not messages:
