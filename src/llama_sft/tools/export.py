@@ -317,12 +317,29 @@ def plan_tensors(base: BaseModel, shapes: dict[str, tuple[int, ...]], outtype: s
     return plans
 
 
+# Rows converted at a time: a float32 copy of the whole embedding (55296 x 4096) would be 900 MB.
+CHUNK_BYTES = 16 * 2**20
+SAME_TYPE = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16}
+
+
 def convert(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
+    """The tensor's data as ``plan.qtype``, by the gguf package's quantisers, a block of rows at a
+    time so that only the output and one block are held besides the (memory-mapped) input."""
     if plan.permute_heads is not None:
         # Hugging Face keeps each head's rotary halves apart; llama.cpp rotates adjacent pairs (Meta's order).
         tensor = unpermute(tensor, plan.permute_heads)
-    data = tensor.detach().to(torch.float32).numpy()
-    return gguf.quants.quantize(data, plan.qtype)
+    tensor = tensor.detach()
+    if SAME_TYPE.get(plan.qtype) == tensor.dtype:
+        return tensor.contiguous().numpy()  # already in the file's type: written from the mapping as it is
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
+    out = None
+    for start in range(0, rows.shape[0], step):
+        block = gguf.quants.quantize(rows[start : start + step].to(torch.float32).numpy(), plan.qtype)
+        if out is None:
+            out = np.empty((rows.shape[0], block.shape[1]), dtype=block.dtype)
+        out[start : start + step] = block
+    return out.reshape(*tensor.shape[:-1], out.shape[-1])
 
 
 def iter_tensors(base: BaseModel, adapters: list[Adapter], plans: list[TensorPlan]):
