@@ -39,7 +39,7 @@ from llama_sft.checks import ModelError, adapter_vocab_rows, check_adapter_dir, 
 from llama_sft.cli import main
 from llama_sft.data.encode import encode_records
 from llama_sft.data.records import DataError, load_records
-from llama_sft.data.templates import TemplateError, load_template
+from llama_sft.data.templates import TemplateError, load_template, prompt_ids
 from llama_sft.data.tokenizer import TextTokenizer, TokenizerError
 from llama_sft.tools.chat import ChatError, read_instructions
 from llama_sft.training.args import ArgumentError
@@ -147,11 +147,78 @@ def alpaca_files(draw) -> tuple[bytes, str]:
 @st.composite
 def template_files(draw) -> tuple[bytes, str]:
     data = {"prompt": draw(any_text.map(lambda t: t + "{instruction}") | json_values)}
-    for key in ("name", "system_prompt", "followup_prompt", "description"):
+    for key in (
+        "name",
+        "system_prompt",
+        "followup_prompt",
+        "description",
+        "prompt_no_system",
+        "after_answer",
+    ):
         if draw(st.booleans()):
             data[key] = draw(any_text | json_values)
+    if draw(st.booleans()):
+        data["end_of_turn"] = draw(st.sampled_from(["</s>", "<|im_end|>", "", None]) | any_text | json_values)
+    if draw(st.booleans()):
+        data["bos"] = draw(st.sampled_from(["every_turn", "first", "none"]) | json_values)
+    if draw(st.booleans()):
+        data["trim"] = draw(st.booleans() | json_values)
     top = data if draw(st.integers(0, 9)) else draw(json_values)
     return mangle(draw, json.dumps(top, ensure_ascii=draw(st.booleans()))), ".json"
+
+
+ROLE_NAMES = ["system", "human", "user", "gpt", "assistant", "tool", "function_call", ""]
+
+
+@st.composite
+def turns(draw, role_key: str, text_key: str) -> list:
+    """Mostly alternating user/assistant turns, now and then a role or a text out of place."""
+    count = draw(st.integers(0, 6))
+    start = draw(st.sampled_from([0, 0, 0, 1]))
+    names = [("human" if role_key == "from" else "user", "gpt" if role_key == "from" else "assistant")[(start + i) % 2]
+             for i in range(count)]  # fmt: skip
+    if names and draw(st.integers(0, 4)) == 0:
+        names[draw(st.integers(0, len(names) - 1))] = draw(st.sampled_from(ROLE_NAMES))
+    out = []
+    for name in names:
+        turn = {
+            role_key: name,
+            text_key: draw(any_text | (json_values if draw(st.integers(0, 6)) == 0 else any_text)),
+        }
+        if draw(st.integers(0, 10)) == 0:
+            del turn[draw(st.sampled_from([role_key, text_key]))]
+        out.append(turn if draw(st.integers(0, 15)) else draw(json_values))
+    return out
+
+
+@st.composite
+def conversation_records(draw) -> object:
+    kind = draw(st.sampled_from(["sharegpt", "messages", "history"]))
+    if kind == "sharegpt":
+        record = {"conversations": draw(turns("from", "value"))}
+        if draw(st.booleans()):
+            record["system"] = draw(any_text | json_values)
+    elif kind == "messages":
+        record = {"messages": draw(turns("role", "content"))}
+    else:
+        record = draw(records())
+        pairs = st.lists(st.lists(any_text, min_size=2, max_size=2) | json_values, max_size=3)
+        record["history"] = draw(pairs | json_values)
+        if draw(st.booleans()):
+            record["system"] = draw(any_text | json_values)
+    return record
+
+
+@st.composite
+def conversation_files(draw) -> tuple[bytes, str]:
+    """Files of conversation records, now and then mixing formats or holding stray values."""
+    items = draw(
+        st.lists(conversation_records() | conversation_records() | records() | json_values, max_size=4)
+    )
+    ascii_only = draw(st.booleans())
+    if draw(st.booleans()):
+        return mangle(draw, json.dumps(items, ensure_ascii=ascii_only)), ".json"
+    return mangle(draw, "\n".join(json.dumps(item, ensure_ascii=ascii_only) for item in items)), ".jsonl"
 
 
 # Flags by the kind of value they take; values drawn across kinds test wrong types too.
@@ -332,12 +399,24 @@ def check_records(path: Path, tokenizer: TextTokenizer) -> None:
         encode_records(loaded, load_template("alpaca"), tokenizer, 64)
 
 
+def check_conversations(path: Path, tokenizer: TextTokenizer) -> None:
+    loaded = expect(lambda: load_records(path), (DataError,))
+    if loaded:
+        # Whatever passed validation encodes with every built-in template the tokenizer can serve,
+        # at a length that cuts some conversations short.
+        for name in ("alpaca", "llama2-chat"):
+            for train_on in ("all", "last"):
+                encode_records(loaded, load_template(name), tokenizer, 48, train_on_turns=train_on)
+
+
 def check_template(path: Path, tokenizer: TextTokenizer) -> None:
     template = expect(lambda: load_template(path), (TemplateError,))
     if template is not None:
         tokenizer.encode(template.render("指令"))
         if template.followup_prompt is not None:
             tokenizer.encode(template.render_followup("指令"))
+            # A whole conversation renders, or the template's end-of-turn token is refused in one line.
+            expect(lambda: prompt_ids(template, tokenizer, "指令", [("问", "答")], "系统"), (TemplateError,))
 
 
 def run_parser(argv: list[str]) -> None:
@@ -419,6 +498,17 @@ SURFACES = {
     "adapter_dir": Surface(adapter_folders(), check_adapter_folder, 200),
     "tokenizer_dir": Surface(tokenizer_folders(), check_tokenizer_folder, 100),
     "chat_data": Surface(chat_files(), check_chat_file, 200, (LONE_SURROGATE, NUL_RECORD)),
+    "conversations": Surface(
+        conversation_files(),
+        check_conversations,
+        300,
+        (
+            (
+                b'[{"conversations": [{"from": "human", "value": "a\\ud800"}, {"from": "gpt", "value": "b"}]}]',
+                ".json",
+            ),
+        ),
+    ),
 }
 
 
