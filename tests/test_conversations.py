@@ -377,3 +377,35 @@ def test_tiny_model_learns_conversations(model_dir, tokenizer_dir, tmp_path):
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["train"]["whole"] == 16 and stats["train"]["turns_trained"] == 8 * 5
     assert stats["eval"]["turns_trained"] == 5
+
+
+def test_preview_marks_what_training_trains(tokenizer, tokenizer_dir, tmp_path, capsys):
+    from llama_sft.tools.preview import main as preview_main
+
+    data = write_json(
+        tmp_path / "d" / "talk.json", [SHAREGPT, {**SHAREGPT, "conversations": SHAREGPT["conversations"][:2]}]
+    )
+    argv = ["--tokenizer_name_or_path", str(tokenizer_dir), "--dataset_dir", str(data.parent),
+            "--prompt_template", "llama2-chat", "--output_file", str(tmp_path / "seen.jsonl")]  # fmt: skip
+    preview_main(argv)
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"=== {data}, record 0: whole, ")
+    assert "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nu1 [/INST][[ a1</s>]]<s>[INST] u2 [/INST][[ a2</s>]]\n" in shown
+    assert f"=== {data}, record 1: whole" in shown and shown.count("[[") == 3
+    lines = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    assert [(line["file"], line["index"], line["status"]) for line in lines] == [
+        (str(data), 0, "whole"),
+        (str(data), 1, "whole"),
+    ]
+    for line, record in zip(lines, load_records(data), strict=True):
+        ids, labels, _ = encode_record(record, load_template("llama2-chat"), tokenizer, 512)
+        assert (line["input_ids"], line["labels"]) == (ids, labels)
+
+    preview_main(
+        [*argv[:4], "--prompt_template", "llama2-chat", "--max_seq_length", "30", "--train_on_turns", "last"]
+    )
+    shown = capsys.readouterr().out
+    assert "record 0: shortened" in shown and "[[ a1</s>]]" in shown and "u2" not in shown
+    with pytest.raises(SystemExit) as exit_:
+        preview_main([*argv[:4], "--prompt_template", "chatml"])
+    assert exit_.value.code == 2 and "'<|im_end|>', which the tokenizer" in capsys.readouterr().err

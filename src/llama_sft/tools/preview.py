@@ -1,0 +1,128 @@
+"""``llama-sft preview``: what training sees, before training.
+
+Contract: ``--tokenizer_name_or_path T --dataset_dir D [--prompt_template X] [--system_prompt S]
+[--max_seq_length N] [--train_on_turns all|last] [--num_records K] [--output_file F.jsonl]`` reads
+the data files as training does (``records.load_records``), encodes the first K records with
+training's encoder (``encode.encode_records``, the same function, not a copy) and prints each as
+text with the trained spans marked (green on a terminal, ``[[...]]`` otherwise), its truncation
+outcome and token counts. ``--output_file`` writes one JSON line per example,
+``{"file", "index", "status", "input_ids", "labels"}``: the ids and labels training would use (a
+dropped record has empty lists). Bad input stops with one line and exit code 2, as ``train`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..data.encode import IGNORE_INDEX, TRAIN_ON_TURNS, check_template_fits, encode_records
+from ..data.records import DataError, find_data_files, load_records
+from ..data.templates import Template, TemplateError, load_template
+from ..data.tokenizer import TextTokenizer, TokenizerError
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-sft preview",
+        description="Show the first records as training sees them, trained spans marked.",
+    )
+    add = parser.add_argument
+    add("--tokenizer_name_or_path", required=True, help="The tokenizer folder training uses.")
+    add("--dataset_dir", required=True, help="Folder of data files, or one file.")
+    add("--prompt_template", default="alpaca", help="Template name or JSON file (as for train).")
+    add("--system_prompt", default=None, help="System prompt for templates that have one.")
+    add("--max_seq_length", type=int, default=512, help="As for train: longer examples are cut.")
+    add("--train_on_turns", choices=TRAIN_ON_TURNS, default="all", help="As for train.")
+    add("--num_records", type=int, default=3, help="How many records to show.")
+    add("--output_file", default=None, help="Also write the examples as JSON lines here.")
+    return parser
+
+
+def preview(
+    tokenizer: TextTokenizer,
+    template: Template,
+    dataset_dir: str | Path,
+    max_seq_length: int,
+    num_records: int,
+    train_on_turns: str = "all",
+) -> list[dict]:
+    """The first ``num_records`` records as ``{"file", "index", "status", "input_ids", "labels"}``."""
+    check_template_fits(template, tokenizer, max_seq_length)
+    examples = []
+    for path in find_data_files(dataset_dir):
+        for index, record in enumerate(load_records(path)):
+            if len(examples) == num_records:
+                return examples
+            dataset, stats = encode_records([record], template, tokenizer, max_seq_length, 1, train_on_turns)
+            status = next(s for s in ("whole", "shortened", "truncated", "dropped") if getattr(stats, s))
+            example = dataset[0] if len(dataset) else {"input_ids": [], "labels": []}
+            examples.append({"file": str(path), "index": index, "status": status, **example})
+    return examples
+
+
+def token_text(tokenizer: TextTokenizer, ids: list[int], at_start: bool = True) -> str:
+    """Ids as text, special tokens (BOS, EOS, end-of-turn) written out rather than dropped. A
+    SentencePiece word piece's "▁" is a space, except at the start of a sequence or after BOS, where
+    it is the dummy prefix SentencePiece puts before every encoded text."""
+    if tokenizer.sp is None:
+        return tokenizer.hf.decode(ids, skip_special_tokens=False)
+    sp, text, run = tokenizer.sp, "", []
+    for token in [*ids, None]:
+        if token is not None and token < tokenizer.base_size and not sp.is_control(token):
+            run.append(token)
+            continue
+        if run:
+            lead = " " if sp.id_to_piece(run[0]).startswith("▁") and not at_start else ""
+            text, run = text + lead + sp.decode(run), []
+        if token is not None:
+            text += sp.id_to_piece(token) if token < tokenizer.base_size else f"<{token}>"
+            at_start = token == tokenizer.bos_id
+    return text
+
+
+def show(tokenizer: TextTokenizer, example: dict, colour: bool) -> str:
+    ids, labels = example["input_ids"], example["labels"]
+    trained = sum(label != IGNORE_INDEX for label in labels)
+    head = (
+        f"=== {example['file']}, record {example['index']}: {example['status']}, "
+        f"{len(ids)} tokens, {trained} trained"
+    )
+    opened, closed = (GREEN, RESET) if colour else ("[[", "]]")
+    body, start = "", 0
+    for position in range(1, len(ids) + 1):
+        if position == len(ids) or (labels[position] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = token_text(
+                tokenizer, ids[start:position], start == 0 or ids[start - 1] == tokenizer.bos_id
+            )
+            body += text if labels[start] == IGNORE_INDEX else f"{opened}{text}{closed}"
+            start = position
+    return f"{head}\n{body}\n"
+
+
+def main(argv: list[str] | None = None, stdout=None) -> None:
+    args = build_parser().parse_args(argv)
+    out = stdout or sys.stdout
+    try:
+        tokenizer = TextTokenizer.load(args.tokenizer_name_or_path)
+        template = load_template(args.prompt_template)
+        if args.system_prompt is not None:
+            template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
+        examples = preview(
+            tokenizer, template, args.dataset_dir, args.max_seq_length, args.num_records, args.train_on_turns
+        )
+    except (DataError, TemplateError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    colour = out.isatty() if hasattr(out, "isatty") else False
+    for example in examples:
+        out.write(show(tokenizer, example, colour))
+    if args.output_file:
+        target = Path(args.output_file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", encoding="utf-8") as lines:
+            for example in examples:
+                lines.write(json.dumps(example, ensure_ascii=False) + "\n")
