@@ -50,6 +50,12 @@ def cmd_chat(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_preview(argv: list[str]) -> None:
+    from .tools.preview import main
+
+    main(argv)
+
+
 def cmd_serve(argv: list[str]) -> None:
     from .tools.serve import main
 
@@ -64,6 +70,7 @@ COMMANDS = {
     "export": cmd_export,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "preview": cmd_preview,
 }
 
 
