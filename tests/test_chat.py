@@ -265,3 +265,42 @@ def test_lora_over_a_grown_vocabulary(tiny, tmp_path):
     reference = peft_reference(tmp_path / "small_base", [lora])
     expected = greedy_answer(reference, tokenizer, load_template("alpaca"), "Translate to Chinese: cat", 8)
     assert json.loads(out.read_text())[0]["output"] == expected
+
+
+def test_batch_mode_answers_the_last_turn_of_conversations(tiny, tmp_path):
+    """ShareGPT and messages files: the last user turn is answered after the earlier turns, whose
+    prompt is training's sequence for the same conversation up to that answer."""
+    from llama_sft.data.encode import IGNORE_INDEX, encode_record
+    from llama_sft.data.records import Record
+    from llama_sft.tools.chat import load_model
+
+    root, tokenizer = tiny
+    sharegpt = tmp_path / "talks.json"
+    talk = [{"from": "human", "value": "Translate to Chinese: cat"}, {"from": "gpt", "value": "猫"},
+            {"from": "human", "value": "And dog?"}, {"from": "gpt", "value": "狗"}]  # fmt: skip
+    sharegpt.write_text(json.dumps([{"system": "只用中文回答。", "conversations": talk}], ensure_ascii=False))
+    messages = tmp_path / "talks.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    settings = GenerationSettings(max_new_tokens=4, do_sample=False)
+    model = load_model(root / "base", root / "lora", torch.device("cpu"))
+    template = load_template("llama2-chat")
+    for data_file in (sharegpt, messages):
+        out = tmp_path / f"{data_file.suffix[1:]}_predictions.json"
+        chat_main(
+            ["--base_model", str(root / "base"), "--lora_model", str(root / "lora"), "--prompt_template",
+             "llama2-chat", "--data_file", str(data_file), "--predictions_file", str(out),
+             "--do_sample", "false", "--max_new_tokens", "4"]
+        )  # fmt: skip
+        [prediction] = json.loads(out.read_text(encoding="utf-8"))
+        if data_file == sharegpt:
+            assert prediction["history"] == [["Translate to Chinese: cat", "猫"]]
+            assert prediction["system"] == "只用中文回答。" and prediction["instruction"] == "And dog?"
+            record = Record("And dog?", "", "狗", "只用中文回答。", (("Translate to Chinese: cat", "猫"),))
+            ids, labels, _ = encode_record(record, template, tokenizer, 1000)
+            prompt = ids[: len(ids) - labels[::-1].index(IGNORE_INDEX)]  # up to the last answer
+        else:
+            assert "history" not in prediction and prediction["instruction"] == "Hi"
+            prompt = [tokenizer.bos_id] + tokenizer.encode(template.render("Hi"))
+        assert (
+            prediction["output"] == tokenizer.decode(generate_ids(model, tokenizer, prompt, settings)).strip()
+        )

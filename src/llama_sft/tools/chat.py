@@ -10,9 +10,15 @@ LoRA's, then the model's. Prompts are encoded by ``TextTokenizer`` exactly as in
   to stdout as it is generated. With a multi-turn template (``llama2-chat``) earlier turns stay in
   the prompt as ``[BOS] prompt answer [EOS] [BOS] [INST] next [/INST]``, the oldest dropped first when
   the context is full. ``/clear`` forgets the history, ``/exit`` (or end of input) quits.
-* Batch: ``--data_file`` (one instruction a line, or an Alpaca JSON/JSONL file) ->
-  ``--predictions_file``: a JSON list with one ``{"instruction", "input" (when given), "output"}``
-  object per input, in input order, written only once complete.
+* Batch: ``--data_file`` (one instruction a line, an Alpaca JSON/JSONL file, or a ShareGPT or
+  OpenAI-messages file) -> ``--predictions_file``: a JSON list with one ``{"instruction", "input"
+  (when given), "output"}`` object per input, in input order, written only once complete. A
+  conversation's last user turn is answered after its earlier turns (rendered as training renders
+  them; a last assistant turn is left out), and its entry also holds ``"history"`` (the earlier
+  ``[user, assistant]`` pairs) and ``"system"`` when it has one.
+
+Generation stops at EOS, at the template's end-of-turn token (chatml's ``<|im_end|>``, llama3's
+``<|eot_id|>``) or at ``--max_new_tokens``.
 
 Generation stops at EOS or ``--max_new_tokens``; sampling uses the usual defaults (temperature 0.2,
 top_k 40, top_p 0.9, repetition_penalty 1.1); ``--do_sample false`` decodes greedily. A GPU is used
@@ -44,6 +50,7 @@ from ..checks import (
     model_vocab_size,
     read_adapter_config,
 )
+from ..data.records import DataError, read_messages, record_format
 from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template, prompt_ids
 from ..data.text import TextCleaning, UnencodableText, clean_text
 from ..data.tokenizer import TextTokenizer, TokenizerError
@@ -242,29 +249,44 @@ class TextStream:
 
 @torch.no_grad()
 def generate_ids(
-    model, tokenizer: TextTokenizer, prompt: list[int], settings: GenerationSettings, streamer=None
+    model,
+    tokenizer: TextTokenizer,
+    prompt: list[int],
+    settings: GenerationSettings,
+    streamer=None,
+    end_id: int | None = None,
 ) -> list[int]:
+    """The answer's ids, without the EOS (or ``end_id``, the template's end-of-turn id) that ended it."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], device=device)
+    stops = [tokenizer.eos_id] if end_id in (None, tokenizer.eos_id) else [tokenizer.eos_id, end_id]
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        eos_token_id=tokenizer.eos_id,
+        eos_token_id=stops,
         pad_token_id=tokenizer.pad_id,
         streamer=streamer,
         **settings.generate_kwargs(),
     )
     answer = output[0, len(prompt) :].tolist()
-    return answer[: answer.index(tokenizer.eos_id)] if tokenizer.eos_id in answer else answer
+    ends = [answer.index(stop) for stop in stops if stop in answer]
+    return answer[: min(ends)] if ends else answer
 
 
 class Conversation:
     """The token ids of a chat so far; the oldest turns go first when the context is full."""
 
-    def __init__(self, template: Template, tokenizer: TextTokenizer, max_prompt_tokens: int):
+    def __init__(
+        self,
+        template: Template,
+        tokenizer: TextTokenizer,
+        max_prompt_tokens: int,
+        system_prompt: str | None = None,
+    ):
         self.template, self.tokenizer = template, tokenizer
         self.max_prompt_tokens = max_prompt_tokens
-        self.turns: list[tuple[str, list[int]]] = []
+        self.system_prompt = system_prompt
+        self.turns: list[tuple[str, list[int] | str]] = []
 
     @property
     def multi_turn(self) -> bool:
@@ -273,7 +295,7 @@ class Conversation:
     def prompt(self, instruction: str) -> list[int]:
         history = self.turns if self.multi_turn else []
         for start in range(len(history) + 1):
-            ids = prompt_ids(self.template, self.tokenizer, instruction, history[start:])
+            ids = prompt_ids(self.template, self.tokenizer, instruction, history[start:], self.system_prompt)
             if len(ids) <= self.max_prompt_tokens:
                 if start:
                     logger.info("dropped the %d oldest turn(s) to fit the context", start)
@@ -345,8 +367,9 @@ def interactive(
             logger.warning("removed lone surrogates or control characters from the instruction")
             instruction = cleaned
         try:
+            prompt = conversation.prompt(instruction)
             answer = generate_ids(
-                model, tokenizer, conversation.prompt(instruction), settings, TextStream(tokenizer, write)
+                model, tokenizer, prompt, settings, TextStream(tokenizer, write), template.end_id(tokenizer)
             )
         except KeyboardInterrupt:
             # Ctrl-C stops a long answer, not the chat; the cut answer stays out of the history.
@@ -391,6 +414,10 @@ def read_instructions(path: str | Path) -> list[dict]:
             raise ChatError(f"{path}: expected a JSON list of objects with an 'instruction'")
         items = []
         for number, row in enumerate(rows):
+            kind = record_format(row)
+            if kind != "alpaca":
+                items.append(_conversation_item(path, row, kind, number, cleaning))
+                continue
             if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
                 raise ChatError(f"{path}: record {number} has no string 'instruction'")
             if not isinstance(row.get("input") or "", str):
@@ -401,6 +428,19 @@ def read_instructions(path: str | Path) -> list[dict]:
     if cleaning.summary():
         logger.warning(cleaning.summary())
     return items
+
+
+def _conversation_item(path: Path, row: object, kind: str, number: int, cleaning: TextCleaning) -> dict:
+    """A ShareGPT or messages record as the last user turn to answer, after the earlier exchanges."""
+    try:
+        system, messages = read_messages(row, kind, f"{path}, record {number}", cleaning, number)
+    except DataError as exc:
+        raise ChatError(str(exc)) from None
+    if messages[-1][0] == "assistant":
+        messages = messages[:-1]
+    texts = [text for _, text in messages]
+    history = [list(pair) for pair in zip(texts[0:-1:2], texts[1:-1:2], strict=True)]
+    return {"instruction": texts[-1], "input": "", "history": history, "system": system}
 
 
 def _instruction(path: Path, item: str, cleaning: TextCleaning, instruction: str, input_: str) -> dict:
@@ -425,12 +465,19 @@ def predict_file(
     predictions = []
     for number, item in enumerate(items, 1):
         text = f"{item['instruction']}\n{item['input']}" if item["input"] else item["instruction"]
-        # Each instruction is a fresh single-turn prompt, as in training.
-        prompt = Conversation(template, tokenizer, max_prompt_tokens).prompt(text)
-        answer = tokenizer.decode(generate_ids(model, tokenizer, prompt, settings)).strip()
+        # Each record is a fresh prompt, its earlier turns (if any) rendered as in training.
+        conversation = Conversation(template, tokenizer, max_prompt_tokens, item.get("system"))
+        conversation.turns = [tuple(pair) for pair in item.get("history", [])]
+        prompt = conversation.prompt(text)
+        answer = generate_ids(model, tokenizer, prompt, settings, end_id=template.end_id(tokenizer))
+        answer = tokenizer.decode(answer).strip()
         entry = {"instruction": item["instruction"]}
         if item["input"]:
             entry["input"] = item["input"]
+        if item.get("history"):
+            entry["history"] = item["history"]
+        if item.get("system") is not None:
+            entry["system"] = item["system"]
         entry["output"] = answer
         predictions.append(entry)
         logger.info("%d/%d: %r -> %r", number, len(items), item["instruction"][:60], answer[:60])
