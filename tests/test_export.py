@@ -248,15 +248,17 @@ def test_ollama_template_literal():
         followup_prompt="[INST] {instruction} [/INST]",
     )
     assert modelfile("m.gguf", template, "</s>") == (
-        'FROM ./m.gguf\nTEMPLATE """{{- $system := "Be brief." }}{{- if .System }}{{ $system = .System }}'
-        '{{- end }}{{- $first := true }}{{- range .Messages }}{{- if eq .Role "user" }}{{- if $first }}'
-        "[INST] <<SYS>>\n{{ $system }}\n<</SYS>>\n\n{{ .Content }} [/INST]{{- else }}<s>[INST] {{ .Content }} "
-        '[/INST]{{- end }}{{- $first = false }}{{- else if eq .Role "assistant" }} {{ .Content }}</s>'
-        '{{- end }}{{- end }}"""\nPARAMETER stop "</s>"\nPARAMETER stop "[INST]"\n'
+        'FROM ./m.gguf\nTEMPLATE """{{ $system := "Be brief." }}{{ if .System }}{{ $system = .System }}'
+        '{{ end }}{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}{{ if $first }}'
+        "[INST] <<SYS>>\n{{ $system }}\n<</SYS>>\n\n{{ .Content }} [/INST]{{ else }}<s>[INST] {{ .Content }} "
+        '[/INST]{{ end }}{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }}</s>'
+        '{{ end }}{{ end }}"""\nPARAMETER stop "</s>"\nPARAMETER stop "[INST]"\n'
     )
     braces = Template(name="b", prompt="{{literal}} {instruction}\n### Response: ")
     text = modelfile("m.gguf", braces, "</s>")
     assert '{{ "{{" }}literal}} {{ .Content }}' in text and "PARAMETER stop" in text
+    # The prompt's trailing space stays: no action trims the text before it.
+    assert "\n### Response: {{ else }}" in text
 
 
 # ----------------------------------------------------------------------------------- real vocabularies

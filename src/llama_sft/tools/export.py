@@ -380,7 +380,8 @@ def ollama_template(template: Template, eos: str) -> str:
     Jinja ``chat_template`` (and so ``prompt_ids``) does: the first prompt (its system prompt from a
     system message or the template's), each answer after a space where the prompt does not end in
     whitespace, then the end-of-turn token, and BOS + the follow-up prompt for each later turn. The
-    first BOS is not written: Ollama adds it, as the GGUF's add-BOS flag says."""
+    first BOS is not written: Ollama adds it, as the GGUF's add-BOS flag says. No action trims
+    (``{{-``): the text around them, trailing spaces included, is the prompt's own."""
     followup = template.followup_prompt if template.followup_prompt is not None else template.prompt
     no_system = getattr(template, "prompt_no_system", None)
     end = getattr(template, "end_of_turn", None) or eos
@@ -391,22 +392,22 @@ def ollama_template(template: Template, eos: str) -> str:
         first = _go_prompt(template.prompt, "$system")
         if no_system is not None:
             first = (
-                f"{{{{- if $system }}}}{first}{{{{- else }}}}{_go_prompt(no_system, '$system')}{{{{- end }}}}"
+                f"{{{{ if $system }}}}{first}{{{{ else }}}}{_go_prompt(no_system, '$system')}{{{{ end }}}}"
             )
-        system = '{{- $system := "" }}'
+        system = '{{ $system := "" }}'
     else:
         first = _go_prompt(template.prompt, "$system")
-        system = f"{{{{- $system := {_go_string(template.system_prompt)} }}}}"
+        system = f"{{{{ $system := {_go_string(template.system_prompt)} }}}}"
     return (
-        f"{system}{{{{- if .System }}}}{{{{ $system = .System }}}}{{{{- end }}}}"
-        "{{- $first := true }}"
-        "{{- range .Messages }}"
-        '{{- if eq .Role "user" }}'
-        f"{{{{- if $first }}}}{first}"
-        f"{{{{- else }}}}{_go_literal(later_bos)}{_go_prompt(followup, '$system')}{{{{- end }}}}"
-        "{{- $first = false }}"
-        f'{{{{- else if eq .Role "assistant" }}}}{space}{{{{ .Content }}}}{_go_literal(end + after)}'
-        "{{- end }}{{- end }}"
+        f"{system}{{{{ if .System }}}}{{{{ $system = .System }}}}{{{{ end }}}}"
+        "{{ $first := true }}"
+        "{{ range .Messages }}"
+        '{{ if eq .Role "user" }}'
+        f"{{{{ if $first }}}}{first}"
+        f"{{{{ else }}}}{_go_literal(later_bos)}{_go_prompt(followup, '$system')}{{{{ end }}}}"
+        "{{ $first = false }}"
+        f'{{{{ else if eq .Role "assistant" }}}}{space}{{{{ .Content }}}}{_go_literal(end + after)}'
+        "{{ end }}{{ end }}"
     )
 
 
