@@ -216,6 +216,31 @@ def test_chat_completion_with_embedded_template_equals_llama_sft_chat(demo, tmp_
     assert sum(answer == r.output for answer, r in zip(expected, held, strict=False)) >= 1
 
 
+def test_llama2_chat_conversation_renders_to_prompt_ids_in_llama_cpp(demo):
+    """A multi-turn llama2-chat conversation, system message included, rendered by the Jinja template
+    (as a GGUF carries it) and tokenized by llama.cpp, is the ids chat and training use."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    root, lora, files = demo
+    tokenizer = TextTokenizer.load(lora)
+    template = load_template("llama2-chat")
+    formatter = Jinja2ChatFormatter(template.chat_template(), "</s>", "<s>")
+    history = [("What is 狗 in English?", "dog"), ("And 猫?", "cat")]
+    llm = llama(files["f16"], vocab_only=True)
+    try:
+        for system in (None, "Answer in one word."):
+            messages = [{"role": "system", "content": system}] if system else []
+            for user, answer in history:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": "Translate to Chinese: horse"})
+            text = formatter(messages=messages).prompt
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt_ids(
+                template, tokenizer, "Translate to Chinese: horse", history, system_prompt=system
+            )
+    finally:
+        llm.close()
+
+
 def test_demo_tokenizer_tokenizes_as_sentencepiece(demo):
     root, lora, files = demo
     tokenizer = TextTokenizer.load(lora)
