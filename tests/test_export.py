@@ -552,6 +552,11 @@ CASES = [
     ("LoRA vocabulary without its tokenizer", lora_with_larger_vocabulary, ["tokens but", "rows"]),
     ("LoRA tokenizer larger than the model", lora_tokenizer_too_large, ["tokenizer has", "embedding rows"]),
     ("LoRA of another base", lora_of_other_base, ["another base model"]),
+    (
+        "template's end-of-turn token missing",
+        flags(prompt_template="chatml"),
+        ["'<|im_end|>', which the tokenizer does not have"],
+    ),
     ("unknown outtype", flags(outtype="q4_k"), ["--outtype 'q4_k': choose one of f32, f16, bf16, q8_0"]),
     ("existing output", existing_output, ["m.gguf: already exists; pass --overwrite"]),
     (

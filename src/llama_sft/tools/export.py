@@ -375,7 +375,7 @@ def _go_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a Go string literal
 
 
-def ollama_template(template: Template, eos: str) -> str:
+def ollama_template(template: Template, eos: str, bos: str = "<s>") -> str:
     """The prompt template in Ollama's Go template language, laying out a conversation as the
     Jinja ``chat_template`` (and so ``prompt_ids``) does: the first prompt (its system prompt from a
     system message or the template's), each answer after a space where the prompt does not end in
@@ -386,7 +386,7 @@ def ollama_template(template: Template, eos: str) -> str:
     no_system = getattr(template, "prompt_no_system", None)
     end = getattr(template, "end_of_turn", None) or eos
     after = getattr(template, "after_answer", "") or ""
-    later_bos = "<s>" if getattr(template, "bos", "every_turn") == "every_turn" else ""
+    later_bos = bos if getattr(template, "bos", "every_turn") == "every_turn" else ""
     space = "" if template.prompt[-1:].isspace() else " "
     if template.system_prompt is None:
         first = _go_prompt(template.prompt, "$system")
@@ -422,8 +422,8 @@ def stop_strings(template: Template, eos: str) -> list[str]:
     return stops
 
 
-def modelfile(gguf_name: str, template: Template, eos: str) -> str:
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(template, eos)}"""']
+def modelfile(gguf_name: str, template: Template, eos: str, bos: str = "<s>") -> str:
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(template, eos, bos)}"""']
     lines += [f"PARAMETER stop {_go_string(stop)}" for stop in stop_strings(template, eos)]
     return "\n".join(lines) + "\n"
 
@@ -495,13 +495,16 @@ def export(
     check_sentencepiece(given, Path(lora_models[-1]) if lora_models else base.folder)
     shapes = plan_shapes(base, adapters)
     rows = shapes[EMBED_KEY][0]
-    vocab = read_vocabulary(_output_tokenizer(base, adapters, rows), rows)
+    tokenizer = _output_tokenizer(base, adapters, rows)
+    vocab = read_vocabulary(tokenizer, rows)
     template = _pick_template(base, adapters, prompt_template)
     if template is None:
         logger.warning(
             "no %s with the LoRA or the model and no --prompt_template: using alpaca", TEMPLATE_FILE
         )
         template = load_template("alpaca")
+    # A template that ends answers with its own token (chatml's <|im_end|>) needs it in the vocabulary.
+    template.end_id(tokenizer)
     plans = plan_tensors(base, shapes, outtype)
     needed = sum(plan.nbytes for plan in plans) + sum(map(len, vocab.tokens)) + len(vocab.tokens) * 16
     _check_disk(out, needed)
@@ -533,7 +536,8 @@ def export(
         for plan, tensor in iter_tensors(base, adapters, plans):
             writer.write_tensor_data(convert(tensor, plan))
         writer.close()
-        tmp_modelfile.write_text(modelfile(out.name, template, vocab.tokens[vocab.eos_id].decode()))
+        eos, bos = (vocab.tokens[i].decode() for i in (vocab.eos_id, vocab.bos_id))
+        tmp_modelfile.write_text(modelfile(out.name, template, eos, bos))
         os.replace(tmp, out)
         os.replace(tmp_modelfile, modelfile_path(out))
     except OSError as exc:
