@@ -32,7 +32,10 @@ def expected(name: str, messages: list[dict]) -> str:
         system, messages = messages[0]["content"], messages[1:]
     text = literal.replace("{s}", system).replace("{q}", messages[0]["content"])
     if len(messages) > 1:
-        later = {"alpaca": "<s>### Instruction:\n{q}\n\n### Response: ", "llama2-chat": "<s>[INST] {q} [/INST]"}[name]
+        later = {
+            "alpaca": "<s>### Instruction:\n{q}\n\n### Response: ",
+            "llama2-chat": "<s>[INST] {q} [/INST]",
+        }[name]
         space = "" if name == "alpaca" else " "
         text += space + messages[1]["content"] + "</s>" + later.replace("{q}", messages[2]["content"])
     return text
