@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train_argv
+from conftest import ROOT, train_argv, write_json
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -171,3 +171,28 @@ def test_full_finetuning_under_deepspeed_saves_a_whole_model(
         assert not torch.equal(tuned[name].float(), base[name].float()), name
     assert (out / "checkpoint-4" / "sft_full_model" / "model.safetensors").is_file()
     assert json.loads((out / "sft_full_model" / "template.json").read_text())["name"] == "alpaca"
+
+
+def test_two_processes_on_conversations(model_dir, tokenizer_dir, tmp_path):
+    """Conversations under 2 processes: one tokenizes and caches, both train, the data report is
+    the same counts a single process computes."""
+    data = tmp_path / "data"
+    talk = [("Translate to Chinese: red", "红色"), ("And dog?", "狗"), ("And cat?", "猫")]
+    turns = [
+        {"from": side, "value": text}
+        for pair in talk
+        for side, text in zip(("human", "gpt"), pair, strict=True)
+    ]
+    write_json(data / "train" / "talks.json", [{"conversations": turns}] * 16)
+    (data / "eval.jsonl").write_text(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    argv = train_argv(
+        model_dir, tokenizer_dir, data, out, validation_file=data / "eval.jsonl", per_device_train_batch_size=2,
+        prompt_template="llama2-chat", max_seq_length=48,
+    )  # fmt: skip
+    result = torchrun(2, argv, tmp_path)
+    assert "tokenized the data itself" not in result.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["train"]["whole"] + stats["train"]["shortened"] + stats["train"]["truncated"] == 16
+    assert stats["train"]["turns_trained"] >= 16 and stats["eval"]["turns_trained"] >= 1
