@@ -184,10 +184,11 @@ def test_unworkable_kbit_settings_are_refused_before_loading(
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(train_argv(model_dir, tokenizer_dir, data_dir, out, **flags))
-    # Parsing a DeepSpeed config registers it process-wide; later tests must not see ZeRO-3.
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    # Parsing a DeepSpeed config registers it process-wide: the refused run must not leave ZeRO-3
+    # behind for the next model this process loads.
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    unset_hf_deepspeed_config()
+    assert not is_deepspeed_zero3_enabled()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

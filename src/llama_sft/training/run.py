@@ -26,6 +26,7 @@ from .. import speedups  # the one way to the speed-ups; first, as it sets the e
 import torch  # noqa: E402
 import transformers
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ..checks import (
     ModelError,
@@ -228,6 +229,15 @@ def setup_logging(args: TrainArgs) -> None:
 
 def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path | None:
     """Run one training; returns the sft_lora_model folder (None for --dry_run)."""
+    try:
+        return run_training(argv, callbacks)
+    finally:
+        # Parsing --deepspeed registers its config process-wide until garbage collection; a model
+        # loaded later in this process (chat, merge, a second run) would otherwise be built under ZeRO-3.
+        unset_hf_deepspeed_config()
+
+
+def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None) -> Path | None:
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
