@@ -12,6 +12,12 @@ def cmd_train(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_pretrain(argv: list[str]) -> None:
+    from .training.run import main
+
+    main(argv, task="pt")
+
+
 def cmd_demo(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="llama-sft demo", description="Train a tiny model on generated data."
@@ -64,6 +70,7 @@ def cmd_serve(argv: list[str]) -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "pretrain": cmd_pretrain,
     "demo": cmd_demo,
     "merge": cmd_merge,
     "merge-tokenizer": cmd_merge_tokenizer,

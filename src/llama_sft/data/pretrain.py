@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -120,6 +122,12 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
         item = json.loads(line)
     except (json.JSONDecodeError, RecursionError):
         raise DataError(f"{path}, line {number}: invalid JSON; fix or remove that line") from None
+    except ValueError:
+        # The JSON parsed, but Python converts no integer of more than 4300 digits (by default).
+        raise DataError(
+            f"{path}, line {number}: holds a number of more than {sys.get_int_max_str_digits()} digits, "
+            "which no JSON reader here takes; fix or remove that line"
+        ) from None
     text = item.get("text") if isinstance(item, dict) else None
     if not isinstance(text, str):
         raise DataError(
@@ -151,19 +159,36 @@ class PretrainStats:
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Blocks of a flat token array (a memory map for cached data); labels equal the input ids."""
+    """Blocks of a flat token array (a memory map for cached data); labels equal the input ids.
+    ``blocks`` picks some of the array's blocks (after ``split``); None means all of them."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int):
-        self.tokens, self.block_size = tokens, block_size
+    def __init__(self, tokens: np.ndarray, block_size: int, blocks: np.ndarray | None = None):
+        self.tokens, self.block_size, self.blocks = tokens, block_size, blocks
 
     def __len__(self) -> int:
-        return len(self.tokens) // self.block_size
+        return len(self.blocks) if self.blocks is not None else len(self.tokens) // self.block_size
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        ids = self.tokens[index * self.block_size : (index + 1) * self.block_size].tolist()
+        block = int(self.blocks[index]) if self.blocks is not None else index
+        ids = self.tokens[block * self.block_size : (block + 1) * self.block_size].tolist()
         return {"input_ids": ids, "labels": list(ids)}
+
+    def split(self, share: float) -> tuple[BlockDataset, BlockDataset | None]:
+        """Hold out ``share`` of the blocks (a fraction below 1, else a percentage; at least one) by a
+        fixed-seed shuffle, as the SFT records are split. Returns (train, held out or None)."""
+        fraction = share if share < 1 else share / 100
+        count = min(len(self) - 1, math.ceil(len(self) * fraction)) if fraction > 0 else 0
+        if count <= 0:
+            return self, None
+        order = np.random.default_rng(1234).permutation(len(self))
+        mine = self.blocks if self.blocks is not None else np.arange(len(self))
+        held, kept = np.sort(order[:count]), np.sort(order[count:])
+        return (
+            BlockDataset(self.tokens, self.block_size, mine[kept]),
+            BlockDataset(self.tokens, self.block_size, mine[held]),
+        )
 
     def lengths(self) -> list[int]:
         return [self.block_size] * len(self)

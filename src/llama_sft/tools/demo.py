@@ -14,6 +14,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -67,9 +68,10 @@ def write_alpaca(records: list[Record], path: Path) -> None:
 
 
 def make_tokenizer(
-    folder: Path, texts: list[str], vocab_size: int = 400, with_pad: bool = True
+    folder: Path, texts: list[str], vocab_size: int = 400, with_pad: bool = True, symbols: Sequence[str] = ()
 ) -> TextTokenizer:
-    """Train a LLaMA-style SentencePiece model on ``texts`` and write a tokenizer folder."""
+    """Train a LLaMA-style SentencePiece model on ``texts`` and write a tokenizer folder; ``symbols``
+    (such as chatml's ``<|im_end|>``) become pieces of their own."""
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -82,7 +84,7 @@ def make_tokenizer(
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        user_defined_symbols=["<pad>"] if with_pad else [],
+        user_defined_symbols=(["<pad>"] if with_pad else []) + list(symbols),
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
@@ -200,6 +202,10 @@ def build_demo(root: Path) -> tuple[list[Record], list[Record]]:
     train, held = demo_records()
     write_alpaca(train, root / "data" / "train" / "train.json")
     write_alpaca(held, root / "data" / "eval.json")
+    # Plain text for `run_pt.sh` / `llama-sft pretrain`: each instruction and its answer, a document a line.
+    (root / "data" / "pt").mkdir(parents=True, exist_ok=True)
+    lines = [f"{r.full_instruction} {r.output}".replace("\n", " ") for r in train + held]
+    (root / "data" / "pt" / "demo.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     template = load_template("alpaca")
     texts = [template.render(r.full_instruction) + " " + r.output for r in train + held] * 4
     tokenizer = make_tokenizer(root / "tokenizer", texts)

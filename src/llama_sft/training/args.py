@@ -88,6 +88,13 @@ class DataArguments:
     max_seq_length: int = field(
         default=512, metadata={"help": "Longest sequence in tokens (BOS + prompt + response + EOS)."}
     )
+    block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pre-training only: tokens a block (documents joined with EOS and cut into blocks). "
+            "Default: the model's context, at most 1024."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Threads used to tokenize the data."}
     )
@@ -395,6 +402,7 @@ NUMBER_RANGES = {
     "gradient_accumulation_steps": (1, True, "1-32"),
     "preprocessing_num_workers": (1, True, "the number of CPU cores"),
     "max_tokens_per_pass": (1, True, "a few thousand"),
+    "block_size": (2, True, "512"),
     "validation_split_percentage": (0, True, "0.05"),
     "lora_alpha": (0, False, "twice --lora_rank"),
     "learning_rate": (0, True, "1e-4"),

@@ -2,7 +2,8 @@
 
 Contract:
 - A checkpoint ``checkpoint-N`` is *complete* when its ``sft_lora_model/`` (``sft_full_model/``
-  after full fine-tuning, its weights hard links to the checkpoint's own) exists: that folder is
+  after full fine-tuning, its weights hard links to the checkpoint's own; ``pt_*`` after
+  pre-training) exists: that folder is
   renamed into place after the Trainer has written everything else (weights, optimizer, scheduler,
   RNG states, trainer_state.json), so a crash mid-save leaves an incomplete folder that
   ``last_complete_checkpoint`` skips with a message.
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .saving import FULL_DIR, LORA_DIR, OUTPUT_DIRS, atomic_dir, write_lora_folder, write_model_folder
+from .saving import OUTPUT_DIRS, atomic_dir, output_name, write_lora_folder, write_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ class CheckpointCallback(TrainerCallback):
         keep: int | None,
         resumed: str | None,
         full: bool = False,
+        task: str = "sft",
     ):
         self.full = full
+        self.name = output_name(full, task)
         self.tokenizer, self.template, self.run_args, self.safetensors = (
             tokenizer,
             template,
@@ -110,7 +113,7 @@ class CheckpointCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.full:
             # Hard links: the checkpoint's weights serve as the model folder without a second copy.
-            with atomic_dir(checkpoint / FULL_DIR) as tmp:
+            with atomic_dir(checkpoint / self.name) as tmp:
                 for item in checkpoint.iterdir():
                     if item.is_file() and (
                         item.suffix in (".safetensors", ".bin") or item.name.endswith("config.json")
@@ -122,7 +125,7 @@ class CheckpointCallback(TrainerCallback):
                     os.link(item, tmp / item.name)
                 write_model_folder(tmp, self.tokenizer, self.template, self.run_args)
         else:
-            with atomic_dir(checkpoint / LORA_DIR) as tmp:
+            with atomic_dir(checkpoint / self.name) as tmp:
                 for name in ("adapter_model.safetensors", "adapter_config.json"):
                     shutil.copyfile(checkpoint / name, tmp / name)
                 write_lora_folder(tmp, self.tokenizer, self.template, self.run_args, self.safetensors)

@@ -1,7 +1,10 @@
 """The training run, top to bottom: arguments, tokenizer and data, model, LoRA, trainer, save.
 
-Both entry points land here: ``scripts/training/run_clm_sft_with_peft.py`` (under torchrun, with
-or without DeepSpeed) and ``llama-sft train``. One code path serves 1 or N processes; the
+Instruction tuning (``task="sft"``) and continued pre-training (``task="pt"``) are one run that
+differs only in its data: Alpaca records and conversations rendered through a template, or plain
+text cut into blocks where every token is labelled. The entry points all land here:
+``scripts/training/run_clm_sft_with_peft.py`` and ``run_clm_pt_with_peft.py`` (under torchrun, with
+or without DeepSpeed), ``llama-sft train`` and ``llama-sft pretrain``. One code path serves 1 or N processes; the
 distributed set-up comes from torchrun's environment through the Trainer.
 
 Everything a user can get wrong (data, template, tokenizer, model folder, LoRA flags, output
@@ -16,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from ..checks import (
 from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from ..data.packing import PackingCollator
+from ..data.pretrain import build_blocks, check_block_size, find_text_files
 from ..data.records import DataError, Record, find_data_files, load_records
 from ..data.templates import Template, TemplateError, load_template
 from ..data.tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
@@ -61,7 +66,7 @@ from .model import (
 )
 from .planner import dry_run_report
 from .precision import plan_cpu_precision
-from .saving import atomic_dir, output_name, write_lora_folder, write_model_folder
+from .saving import TASKS, atomic_dir, output_name, write_lora_folder, write_model_folder
 from .trainer import SftTrainer
 
 logger = logging.getLogger("llama_sft")
@@ -127,6 +132,14 @@ def load_data(
     return train_files, train_records, eval_files, eval_records
 
 
+def check_sft_flags(args: TrainArgs) -> None:
+    if args.data.block_size is not None:
+        raise ArgumentError(
+            f"--block_size {args.data.block_size} is for pre-training (llama-sft pretrain, run_pt.sh); "
+            "instruction tuning cuts each record at --max_seq_length: drop --block_size"
+        )
+
+
 def split_records(records: list[Record], share: float) -> tuple[list[Record], list[Record]]:
     """Deterministic hold-out: a fixed-seed shuffle of record indices, independent of --seed."""
     fraction = share if share < 1 else share / 100
@@ -138,6 +151,105 @@ def split_records(records: list[Record], share: float) -> tuple[list[Record], li
     return [r for i, r in enumerate(records) if i not in held], [
         r for i, r in enumerate(records) if i in held
     ]
+
+
+@dataclass
+class Tokenized:
+    """What step 3 hands the trainer: the datasets and the figures for the report and data_stats.json."""
+
+    train_set: torch.utils.data.Dataset
+    eval_set: torch.utils.data.Dataset | None
+    stats: dict = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
+    from_cache: bool = True
+    labelled: int = 0
+
+
+def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, data) -> Tokenized:
+    train_files, train_records, eval_files, eval_records = data
+    cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
+    workers = args.data.preprocessing_num_workers or 1
+    max_len = args.data.max_seq_length
+
+    def encode(records, files, name):
+        return encode_cached(
+            records,
+            files,
+            template,
+            tokenizer,
+            max_len,
+            cache_dir,
+            workers,
+            extra_key=f"{name}{len(records)}",
+            train_on_turns=args.data.train_on_turns,
+        )
+
+    train_set, train_stats, from_cache = encode(train_records, train_files, "train")
+    eval_set, eval_stats = None, EncodeStats()
+    if eval_records:
+        eval_set, eval_stats, _ = encode(eval_records, eval_files or train_files, "eval")
+    reports = [train_stats.report("train data", max_len)]
+    if eval_records:
+        reports.append(eval_stats.report("eval data", max_len))
+    if args.training.do_train and len(train_set) == 0:
+        where = ", ".join(str(path) for path in train_files[:3]) + (" ..." if len(train_files) > 3 else "")
+        raise DataError(
+            f"{where}: every training record's prompt fills --max_seq_length {max_len}, leaving no answer "
+            "to train on; raise --max_seq_length or shorten the prompts"
+        )
+    labelled = int((train_set.labels != IGNORE_INDEX).sum()) if len(train_set) else 0
+    stats = {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()}
+    return Tokenized(train_set, eval_set, stats, reports, from_cache, labelled)
+
+
+def find_pretrain_files(args: TrainArgs) -> tuple[list[Path], list[Path]]:
+    """The text files of a pre-training run: (training files, validation files)."""
+    data = args.data
+    if data.dataset_dir is None:
+        raise ArgumentError(
+            "--dataset_dir is required: a folder of plain-text *.txt files (one document a line) "
+            'or *.jsonl files with a "text" field'
+        )
+    train_files = find_text_files(data.dataset_dir)
+    eval_files = find_text_files(data.validation_file) if data.validation_file else []
+    return train_files, eval_files
+
+
+def pretrain_block_size(args: TrainArgs, model_path: str) -> int:
+    """--block_size, or the model's context up to 1024 (the original run_clm's default); checked."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    context = config.get("max_position_embeddings")
+    context = context if isinstance(context, int) and context > 0 else None
+    block_size = args.data.block_size or min(1024, context or 1024)
+    try:
+        check_block_size(block_size, context)
+    except DataError as exc:
+        raise ArgumentError(f"{model_path}: {exc}") from None
+    return block_size
+
+
+def tokenize_pretrain(args: TrainArgs, tokenizer: TextTokenizer, files, block_size: int) -> Tokenized:
+    train_files, eval_files = files
+    cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
+    workers = args.data.preprocessing_num_workers or 1
+    train_set, train_stats, from_cache = build_blocks(train_files, tokenizer, block_size, cache_dir, workers)
+    reports = [train_stats.report("train data")]
+    stats = {"train": asdict(train_stats)}
+    eval_set = None
+    if eval_files:
+        eval_set, eval_stats, _ = build_blocks(eval_files, tokenizer, block_size, cache_dir, workers)
+        reports.append(eval_stats.report("eval data"))
+        stats["eval"] = asdict(eval_stats)
+    elif args.training.do_eval or args.training.eval_strategy != "no":
+        train_set, eval_set = train_set.split(args.data.validation_split_percentage)
+        if eval_set is None:
+            raise ArgumentError(
+                f"evaluation is asked for but the text makes only {len(train_set)} block(s), too few to hold "
+                "one out: give --validation_file, or add text"
+            )
+        reports.append(f"eval data: {len(eval_set)} of the {train_stats.blocks} blocks held out")
+        stats["eval"] = {"blocks": len(eval_set), "held_out_of": train_stats.blocks}
+    return Tokenized(train_set, eval_set, stats, reports, from_cache, train_set.num_tokens())
 
 
 def check_output_dir(args: TrainArgs) -> str | None:
@@ -227,17 +339,21 @@ def setup_logging(args: TrainArgs) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
-def train(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path | None:
-    """Run one training; returns the sft_lora_model folder (None for --dry_run)."""
+def train(
+    argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None, task: str = "sft"
+) -> Path | None:
+    """Run one training; returns the output folder (sft_lora_model, pt_lora_model, ...; None for --dry_run)."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: one of {TASKS}")
     try:
-        return run_training(argv, callbacks)
+        return run_training(argv, callbacks, task)
     finally:
         # Parsing --deepspeed registers its config process-wide until garbage collection; a model
         # loaded later in this process (chat, merge, a second run) would otherwise be built under ZeRO-3.
         unset_hf_deepspeed_config()
 
 
-def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None) -> Path | None:
+def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None, task: str) -> Path | None:
     # 1. Arguments.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
@@ -259,13 +375,22 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
 
     # 2. Tokenizer, template and data: validated before any model is loaded.
     tokenizer = TextTokenizer.load(args.model.tokenizer_name_or_path)
-    template = load_template(args.data.prompt_template)
-    if args.data.system_prompt is not None:
-        template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
-    train_files, train_records, eval_files, eval_records = load_data(args, tokenizer, template)
+    if task == "pt":
+        template = None  # plain text: no prompt, every token is trained
+        files = find_pretrain_files(args)
+    else:
+        check_sft_flags(args)
+        template = load_template(args.data.prompt_template)
+        if args.data.system_prompt is not None:
+            template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
+        files = load_data(args, tokenizer, template)
     model_path = args.model.model_name_or_path
     check_model_dir(model_path, "--model_name_or_path", need_weights=not training.dry_run)
     check_vocab(model_vocab_size(model_path), len(tokenizer), model_path, args.model.tokenizer_name_or_path)
+    if task == "pt":
+        # A block is one sequence: everything sized by --max_seq_length (the memory plan, the fused
+        # head's chunks) is sized by the block.
+        args.data.block_size = args.data.max_seq_length = pretrain_block_size(args, model_path)
     if args.lora.peft_path:
         check_adapter_dir(args.lora.peft_path, "--peft_path")
     resume_from = check_output_dir(args)
@@ -281,52 +406,21 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         )
 
     # 3. Tokenize: the main process encodes and caches, the others then read the cache.
-    cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
-    workers = args.data.preprocessing_num_workers or 1
-    max_len = args.data.max_seq_length
     with training.main_process_first(desc="tokenizing"):
-        train_set, train_stats, from_cache = encode_cached(
-            train_records,
-            train_files,
-            template,
-            tokenizer,
-            max_len,
-            cache_dir,
-            workers,
-            extra_key=f"train{len(train_records)}",
-            train_on_turns=args.data.train_on_turns,
-        )
-        eval_set, eval_stats = None, EncodeStats()
-        if eval_records:
-            eval_set, eval_stats, _ = encode_cached(
-                eval_records,
-                eval_files or train_files,
-                template,
-                tokenizer,
-                max_len,
-                cache_dir,
-                workers,
-                extra_key=f"eval{len(eval_records)}",
-                train_on_turns=args.data.train_on_turns,
-            )
-    if training.local_process_index != 0 and not from_cache:
+        if task == "pt":
+            data = tokenize_pretrain(args, tokenizer, files, args.data.block_size)
+        else:
+            data = tokenize_sft(args, tokenizer, template, files)
+    if training.local_process_index != 0 and not data.from_cache:
         logger.warning(
             "process %d tokenized the data itself: the cache its node's first process wrote was not there "
             "(is --data_cache_dir writable?)",
             training.process_index,
         )
-    logger.info(train_stats.report("train data", max_len))
-    if eval_records:
-        logger.info(eval_stats.report("eval data", max_len))
-    if training.do_train and len(train_set) == 0:
-        where = ", ".join(str(path) for path in train_files[:3]) + (" ..." if len(train_files) > 3 else "")
-        raise DataError(
-            f"{where}: every training record's prompt fills --max_seq_length {max_len}, leaving no answer "
-            "to train on; raise --max_seq_length or shorten the prompts"
-        )
+    for line in data.reports:
+        logger.info(line)
     if training.dry_run:
-        labelled = int((train_set.labels != IGNORE_INDEX).sum())
-        print(dry_run_report(args, len(tokenizer), train_set.lengths(), labelled))
+        print(dry_run_report(args, len(tokenizer), data.train_set.lengths(), data.labelled))
         return None
 
     # 4. Model and LoRA, with the speed-ups that fit (seeded first: the LoRA A matrices are drawn
@@ -369,9 +463,14 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
     check_writable(out, checkpoint_bytes(trainable, training.save_total_limit) if training.do_train else 0)
     if training.do_train and resume_from is None and training.process_index == 0:
         set_aside_old_checkpoints(out)
+    described = args.to_dict()
+    if task == "pt":
+        for name in ("prompt_template", "system_prompt", "train_on_turns"):
+            described["data"].pop(name, None)
     run_args = {
-        **args.to_dict(),
-        "data_stats": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
+        "task": {"sft": "instruction tuning", "pt": "pre-training"}[task],
+        **described,
+        "data_stats": data.stats,
         "compute_dtype": fast.compute_dtype,
         "speedups": fast.report,
     }
@@ -382,13 +481,20 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
     trainer = SftTrainer(
         model=model,
         args=training,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        train_dataset=data.train_set,
+        eval_dataset=data.eval_set,
         data_collator=PackingCollator() if args.data.packing else Collator(tokenizer.pad_id),
         callbacks=[
             *(callbacks or []),
             CheckpointCallback(
-                tokenizer, template, run_args, training.save_safetensors, keep, resume_from, full=full
+                tokenizer,
+                template,
+                run_args,
+                training.save_safetensors,
+                keep,
+                resume_from,
+                full=full,
+                task=task,
             ),
             stop,
             FiniteGradCallback(training.nan_policy),
@@ -409,14 +515,14 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-    if training.do_eval and eval_set is not None:
+    if training.do_eval and data.eval_set is not None:
         metrics = trainer.evaluate()
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     # 6. Save the ready-to-merge LoRA (or, after full fine-tuning, the whole model), atomically.
-    name = output_name(full)
+    name = output_name(full, task)
     final_dir = out / name
     if training.do_train:
         tmp = out / f".{name}.trainer-{os.getpid()}"
@@ -438,12 +544,12 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
     return final_dir
 
 
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:
+def main(argv: list[str] | None = None, callbacks: list | None = None, task: str = "sft") -> None:
     """Command-line entry: input errors become one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool({"--debug", "--debug_errors"} & set(argv)) or os.environ.get("LLAMA_SFT_DEBUG") == "1"
     try:
-        train(argv, callbacks)
+        train(argv, callbacks, task)
     except INPUT_ERRORS as exc:
         if debug:
             raise

@@ -5,7 +5,8 @@ without error, ``tmp`` replaces ``final`` (the previous ``final`` survives until
 complete); on error ``tmp`` is removed and ``final`` is untouched. ``write_lora_folder`` fills a
 folder with what ``sft_lora_model`` must hold beside the adapter weights; ``write_model_folder``
 what ``sft_full_model`` (a complete Hugging Face model folder, after full fine-tuning) must hold
-beside the model's weights and config. ``output_name(full)`` is the name of either.
+beside the model's weights and config. ``output_name(full, task)`` is the name of either; a
+pre-training run writes ``pt_lora_model`` / ``pt_full_model``, the same folders without a template.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from ..data.tokenizer import TextTokenizer
 
 LORA_DIR = "sft_lora_model"
 FULL_DIR = "sft_full_model"
-OUTPUT_DIRS = (LORA_DIR, FULL_DIR)
+PT_LORA_DIR = "pt_lora_model"
+PT_FULL_DIR = "pt_full_model"
+OUTPUT_DIRS = (LORA_DIR, FULL_DIR, PT_LORA_DIR, PT_FULL_DIR)
+TASKS = ("sft", "pt")
 ARGS_FILE = "training_args.json"
 
 
@@ -63,12 +67,27 @@ def adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
 
 
-def output_name(full: bool) -> str:
+def output_name(full: bool, task: str = "sft") -> str:
+    if task == "pt":
+        return PT_FULL_DIR if full else PT_LORA_DIR
     return FULL_DIR if full else LORA_DIR
 
 
+def _describe(folder: Path, tokenizer: TextTokenizer, template: Template | None, run_args: dict) -> None:
+    """Tokenizer, template (none after pre-training: plain text has no prompt) and the run's arguments."""
+    tokenizer.save(folder)
+    if template is not None:
+        template.save(folder)
+        template.write_chat_template(folder)
+    (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
 def write_lora_folder(
-    folder: Path, tokenizer: TextTokenizer, template: Template, run_args: dict, safetensors: bool = True
+    folder: Path,
+    tokenizer: TextTokenizer,
+    template: Template | None,
+    run_args: dict,
+    safetensors: bool = True,
 ) -> None:
     """Complete a folder that already holds PEFT's adapter files (as ``Trainer.save_model`` writes them)."""
     tensors = adapter_tensors(folder)
@@ -77,13 +96,12 @@ def write_lora_folder(
     if not safetensors:
         torch.save(tensors, folder / "adapter_model.bin")
         (folder / "adapter_model.safetensors").unlink()
-    tokenizer.save(folder)
-    template.save(folder)
-    template.write_chat_template(folder)
-    (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
+    _describe(folder, tokenizer, template, run_args)
 
 
-def write_model_folder(folder: Path, tokenizer: TextTokenizer, template: Template, run_args: dict) -> None:
+def write_model_folder(
+    folder: Path, tokenizer: TextTokenizer, template: Template | None, run_args: dict
+) -> None:
     """Complete a folder that already holds a whole model (as ``Trainer.save_model`` writes it after
     full fine-tuning): tokenizer, template and the run's arguments, so chat and merge read it alone."""
     if (
@@ -92,7 +110,4 @@ def write_model_folder(folder: Path, tokenizer: TextTokenizer, template: Templat
         and not any(folder.glob("pytorch_model*.bin"))
     ):
         raise RuntimeError(f"{folder}: the saved model has no config.json or weights; refusing to publish it")
-    tokenizer.save(folder)
-    template.save(folder)
-    template.write_chat_template(folder)
-    (folder / ARGS_FILE).write_text(json.dumps(run_args, ensure_ascii=False, indent=2, default=str) + "\n")
+    _describe(folder, tokenizer, template, run_args)

@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Continued pre-training with LoRA: the documented entry point, run by run_pt.sh under torchrun.
+
+Accepts the Chinese-LLaMA-Alpaca command line verbatim (and every TrainingArguments flag); the
+work is done by llama_sft.training.run, the same code as `llama-sft pretrain`.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from llama_sft.training.run import main
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    from llama_sft.training.run import main
+
+if __name__ == "__main__":
+    main(task="pt")
