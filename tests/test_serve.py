@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import httpx2 as httpx
@@ -16,12 +17,14 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import corpus
 from lora_helpers import write_lora
 
 from llama_sft.data.templates import load_template, prompt_ids
 from llama_sft.data.text import clean_text
 from llama_sft.tools.chat import GenerationSettings, generate_ids, load_model
 from llama_sft.tools.chat import main as chat_main
+from llama_sft.tools.demo import make_model, make_tokenizer
 from llama_sft.tools.serve import ServeError, create_app, prepare
 from llama_sft.tools.serve import main as serve_main
 
@@ -272,6 +275,115 @@ def test_a_client_gone_mid_stream_leaves_the_batch(live):
         lines = response.iter_lines()
         next(lines), next(lines)
         assert httpx.get(f"{live.url}/health").json()["running"] == 1
+    deadline = time.time() + 5
+    while httpx.get(f"{live.url}/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(f"{live.url}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+CHATML_ANSWER = "你好，世界。"
+
+
+@pytest.fixture(scope="module")
+def chatml_live(tmp_path_factory):
+    """A tiny model served with the chatml template, whose tokenizer has <|im_start|> and <|im_end|>
+    as pieces. Its layers add nothing (o_proj and down_proj zero), so the next token depends on the
+    current one alone, and its weights are set so that greedy decoding after a chatml prompt says
+    CHATML_ANSWER, then <|im_end|>, then CHATML_ANSWER again, and so on: a server that stopped only at
+    EOS would keep talking past the end of the turn."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("chatml")
+    tokenizer = make_tokenizer(folder, corpus(), vocab_size=500, symbols=["<|im_start|>", "<|im_end|>"])
+    template = load_template("chatml")
+    template.save(folder)
+    make_model(folder, len(tokenizer), hidden=32, layers=1, heads=2, intermediate=32)
+    end = tokenizer.token_id("<|im_end|>")
+    answer = tokenizer.encode(CHATML_ANSWER)
+    chat_end = prompt_ids(template, tokenizer, "hi")[-1]  # the "\n" after "<|im_start|>assistant"
+    chain = [chat_end, *answer, end, answer[0]]
+    assert len(set(chain[:-1])) == len(chain) - 1 and tokenizer.eos_id not in chain
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed[:, : len(chain)] = 0
+        head[:, : len(chain)] = 0
+        for dim, (token, following) in enumerate(pairwise(chain)):
+            embed[token, dim] = 1.0  # after RMSNorm about sqrt(32) in this dimension, the rest near 0
+            head[following, dim] = 100.0
+    model.save_pretrained(folder)
+    server = Live(["--model", str(folder)])
+    yield server, tokenizer, folder
+    server.stop()
+
+
+def test_answers_stop_at_the_templates_end_of_turn_token(chatml_live):
+    """chatml's <|im_end|> ends the answer as EOS does, on both endpoints, streamed or not, and in a
+    batch with another request; it is not part of the text and finish_reason is "stop"."""
+    live, tokenizer, folder = chatml_live
+    client = live.client()
+    length = len(tokenizer.encode(CHATML_ANSWER))
+    # chat stops there by the same Template.stop_ids.
+    template = load_template(folder)
+    settings = GenerationSettings(max_new_tokens=40, do_sample=False)
+    ids = generate_ids(
+        load_model(folder, None, torch.device("cpu")),
+        tokenizer,
+        prompt_ids(template, tokenizer, "hi"),
+        settings,
+        stop_ids=template.stop_ids(tokenizer),
+    )
+    assert tokenizer.decode(ids) == CHATML_ANSWER and len(ids) == length
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model=live.model, messages=messages, temperature=0, max_tokens=40)
+    assert whole.choices[0].message.content == CHATML_ANSWER
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == length
+    chunks = list(
+        client.chat.completions.create(
+            model=live.model, messages=messages, temperature=0, max_tokens=40, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CHATML_ANSWER
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # A raw completion prompt in the chatml layout stops there too.
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    text = client.completions.create(model=live.model, prompt=prompt, temperature=0, max_tokens=40)
+    assert (text.choices[0].text, text.choices[0].finish_reason) == (CHATML_ANSWER, "stop")
+    streamed = list(
+        client.completions.create(model=live.model, prompt=prompt, temperature=0, max_tokens=40, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == CHATML_ANSWER
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
+    # min_tokens holds the end-of-turn token off as it holds EOS off.
+    held = client.chat.completions.create(
+        model=live.model,
+        messages=messages,
+        temperature=0,
+        max_tokens=length + 3,
+        extra_body={"min_tokens": length + 3},
+    )
+    assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == length + 3
+    assert held.choices[0].message.content.startswith(CHATML_ANSWER)
+    assert "<|im_end|>" not in held.choices[0].message.content
+    # In the batch: a long request keeps a row running while short ones join it, end and leave.
+    live.state.engine.peak_running = 0
+    body = {"model": live.model, "messages": messages, "max_tokens": 1500, "min_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines), next(lines)
+
+        def ask(_):
+            answer = client.chat.completions.create(
+                model=live.model, messages=messages, temperature=0, max_tokens=40
+            )
+            return answer.choices[0].message.content, answer.choices[0].finish_reason
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(ask, range(3))) == [(CHATML_ANSWER, "stop")] * 3
+        assert live.state.engine.peak_running >= 2
     deadline = time.time() + 5
     while httpx.get(f"{live.url}/health").json()["running"] and time.time() < deadline:
         time.sleep(0.02)

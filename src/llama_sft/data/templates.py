@@ -95,6 +95,13 @@ class Template:
             )
         return token_id
 
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The ids that end an answer when generating (``chat``, ``serve``): the tokenizer's EOS and,
+        when the template ends a turn with another token (chatml's ``<|im_end|>``, llama3's
+        ``<|eot_id|>``), that token too. Neither is part of the answer."""
+        end = self.end_id(tokenizer)
+        return [tokenizer.eos_id] if end == tokenizer.eos_id else [tokenizer.eos_id, end]
+
     def render_followup(self, instruction: str) -> str:
         """Prompt of a later turn in a multi-turn chat (appended after the previous answer)."""
         if self.followup_prompt is None:

@@ -18,10 +18,9 @@ LoRA's, then the model's. Prompts are encoded by ``TextTokenizer`` exactly as in
   ``[user, assistant]`` pairs) and ``"system"`` when it has one.
 
 Generation stops at EOS, at the template's end-of-turn token (chatml's ``<|im_end|>``, llama3's
-``<|eot_id|>``) or at ``--max_new_tokens``.
+``<|eot_id|>``; ``Template.stop_ids``, which the server uses too) or at ``--max_new_tokens``.
 
-Generation stops at EOS or ``--max_new_tokens``; sampling uses the usual defaults (temperature 0.2,
-top_k 40, top_p 0.9, repetition_penalty 1.1); ``--do_sample false`` decodes greedily. A GPU is used
+Sampling uses the usual defaults (temperature 0.2, top_k 40, top_p 0.9, repetition_penalty 1.1); ``--do_sample false`` decodes greedily. A GPU is used
 when there is one.
 """
 
@@ -254,12 +253,13 @@ def generate_ids(
     prompt: list[int],
     settings: GenerationSettings,
     streamer=None,
-    end_id: int | None = None,
+    stop_ids: list[int] | None = None,
 ) -> list[int]:
-    """The answer's ids, without the EOS (or ``end_id``, the template's end-of-turn id) that ended it."""
+    """The answer's ids, without the id that ended it: one of ``stop_ids`` (``Template.stop_ids``:
+    EOS and the template's end-of-turn id), EOS alone when not given."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], device=device)
-    stops = [tokenizer.eos_id] if end_id in (None, tokenizer.eos_id) else [tokenizer.eos_id, end_id]
+    stops = list(stop_ids or [tokenizer.eos_id])
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -369,7 +369,7 @@ def interactive(
         try:
             prompt = conversation.prompt(instruction)
             answer = generate_ids(
-                model, tokenizer, prompt, settings, TextStream(tokenizer, write), template.end_id(tokenizer)
+                model, tokenizer, prompt, settings, TextStream(tokenizer, write), template.stop_ids(tokenizer)
             )
         except KeyboardInterrupt:
             # Ctrl-C stops a long answer, not the chat; the cut answer stays out of the history.
@@ -469,7 +469,7 @@ def predict_file(
         conversation = Conversation(template, tokenizer, max_prompt_tokens, item.get("system"))
         conversation.turns = [tuple(pair) for pair in item.get("history", [])]
         prompt = conversation.prompt(text)
-        answer = generate_ids(model, tokenizer, prompt, settings, end_id=template.end_id(tokenizer))
+        answer = generate_ids(model, tokenizer, prompt, settings, stop_ids=template.stop_ids(tokenizer))
         answer = tokenizer.decode(answer).strip()
         entry = {"instruction": item["instruction"]}
         if item["input"]:

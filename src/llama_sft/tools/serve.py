@@ -13,6 +13,9 @@ at temperature 0 an answer is the one ``llama-sft chat --do_sample false`` gives
   and decodes one token for every running request. A finished, failed or disconnected request
   leaves the batch before the next step. docs/serving.md says why this is not transformers'
   continuous batching.
+* An answer ends, with ``finish_reason`` ``"stop"``, at EOS or at the template's end-of-turn token
+  (chatml's ``<|im_end|>``, llama3's ``<|eot_id|>``): ``Template.stop_ids``, as in ``chat``; on both
+  endpoints, streamed or not. Neither token is part of the text.
 * Bad requests get ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; with
   ``--api_key`` every ``/v1`` request needs ``Authorization: Bearer KEY``. A host other than loopback
   is refused without ``--api_key`` unless ``--allow_no_auth`` is given.
@@ -124,12 +127,22 @@ class Sampling:
 class Job:
     """A request in the batch: its prompt, settings, generated ids, and the queue its events go to.
 
-    Events put on ``events`` (from the engine thread, through the event loop): ``("text", piece)``,
-    ``("done", finish_reason)``, ``("error", message)``.
+    The answer ends at any of ``stop_ids`` (``Template.stop_ids``: EOS and the template's
+    end-of-turn id; EOS alone when not given), which is not part of it. Events put on ``events``
+    (from the engine thread, through the event loop): ``("text", piece)``, ``("done",
+    finish_reason)``, ``("error", message)``.
     """
 
-    def __init__(self, prompt: list[int], sampling: Sampling, tokenizer: TextTokenizer, device: torch.device):
+    def __init__(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        tokenizer: TextTokenizer,
+        device: torch.device,
+        stop_ids: list[int] | None = None,
+    ):
         self.prompt, self.sampling, self.tokenizer = prompt, sampling, tokenizer
+        self.stop_ids = list(stop_ids or [tokenizer.eos_id])
         self.outbox: list[tuple] = []
         self.generated: list[int] = []
         self.finished = False
@@ -163,7 +176,7 @@ class Job:
     def pick(self, logits: torch.Tensor) -> int:
         """Choose the next token from this row's logits (1, vocab), emit its text, maybe finish."""
         if len(self.generated) < self.sampling.min_tokens:
-            logits[:, self.tokenizer.eos_id] = float("-inf")
+            logits[:, self.stop_ids] = float("-inf")
         scores, ids = logits, torch.tensor([self.prompt + self.generated], device=logits.device)
         for processor in self.chain:
             scores = processor(ids, scores)
@@ -176,7 +189,7 @@ class Job:
         return token
 
     def _accept(self, token: int) -> None:
-        if token == self.tokenizer.eos_id:
+        if token in self.stop_ids:
             return self._finish(self.tokenizer.decode(self.generated), "stop")
         self.generated.append(token)
         text = self.tokenizer.decode(self.generated)
@@ -368,6 +381,7 @@ class ServerState:
     model_name: str
     max_model_len: int
     defaults: GenerationSettings
+    stop_ids: list[int]  # Template.stop_ids: EOS and the template's end-of-turn id
     api_key: str | None = None
     max_request_bytes: int = 1_000_000
     created: int = field(default_factory=lambda: int(time.time()))
@@ -602,7 +616,7 @@ def create_app(state: ServerState):
 
     async def generate(request: Request, body: dict, prompt: list[int], params: set[str], chat: bool):
         sampling = parse_sampling(body, state, params, len(prompt))
-        job = Job(prompt, sampling, state.tokenizer, state.engine.device)
+        job = Job(prompt, sampling, state.tokenizer, state.engine.device, state.stop_ids)
         state.engine.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -799,6 +813,8 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, ServerState]:
     template = resolve_template(args.prompt_template, last, base)
     if args.system_prompt is not None:
         template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
+    # Before the model is loaded: a template whose end-of-turn token the tokenizer lacks stops here.
+    stop_ids = template.stop_ids(tokenizer)
     model = load_model(base, loras, pick_device(args.device), args.torch_dtype)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = args.max_model_len or context
@@ -814,6 +830,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, ServerState]:
         model_name=args.served_model_name or Path(last or base).resolve().name,
         max_model_len=max_model_len,
         defaults=defaults,
+        stop_ids=stop_ids,
         api_key=args.api_key,
         max_request_bytes=args.max_request_bytes,
     )
