@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path, train_argv, write_json
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llama_sft.data.encode import IGNORE_INDEX, encode_record, encode_records
+from llama_sft.data.encode import IGNORE_INDEX, encode_cached, encode_record, encode_records
 from llama_sft.data.records import (
     DataError,
     Record,
@@ -225,6 +225,44 @@ def test_stats_count_outcomes_turns_and_tokens():
         assert dataset[index]["input_ids"] == encode_record(record, template, tokenizer, full - 1)[0]
 
 
+def test_stats_count_conversations_whose_last_user_turn_has_no_answer(tokenizer, tmp_path):
+    """A conversation ending in a user turn trains its answered exchanges; the report, to_dict
+    (data_stats.json) and the data cache all carry how many such conversations there were."""
+    talks = [
+        {"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
+                           {"from": "human", "value": "never answered"}]},
+        {"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"}]},
+        {"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
+                           {"from": "human", "value": "u2"}, {"from": "gpt", "value": "a2"},
+                           {"from": "human", "value": "also never answered"}]},
+    ]  # fmt: skip
+    sharegpt = write_json(tmp_path / "talks.json", talks)
+    messages = tmp_path / "talks.jsonl"
+    messages.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+                                 {"role": "user", "content": "u2"}]}) + "\n"
+    )  # fmt: skip
+    alpaca = write_json(tmp_path / "alpaca.json", [{"instruction": "q", "output": "r"}])
+    records = load_records(sharegpt) + load_records(messages) + load_records(alpaca)
+    assert [r.unanswered for r in records] == [True, False, True, True, False]
+    # The unanswered turn is left out of the record, which equals the same talk without it.
+    assert records[0] == records[1] == Record("u1", "", "a1") and records[2].history == (("u1", "a1"),)
+    template = load_template("llama2-chat")
+    _, stats = encode_records(records, template, tokenizer, 512)
+    assert (stats.whole, stats.unanswered, stats.turns_trained) == (5, 3, 1 + 1 + 2 + 1 + 1)
+    assert stats.to_dict()["unanswered"] == 3
+    report = stats.report("train data", 512)
+    assert "0 conversations shortened to the leading exchanges that fit, 3 ending in a user turn " in report
+    assert "with no answer (that turn left out). Trained: 6 assistant turns" in report
+    # Counted whatever becomes of the conversation at --max_seq_length, and kept in the cache.
+    _, short = encode_records(records, template, tokenizer, 8)
+    assert short.dropped == 5 and short.unanswered == 3
+    files = [sharegpt, messages, alpaca]
+    for from_cache in (False, True):
+        _, cached, hit = encode_cached(records, files, template, tokenizer, 512, tmp_path / "cache")
+        assert hit == from_cache and cached.to_dict() == stats.to_dict()
+
+
 def test_batch_encoding_equals_single_with_sentencepiece(tokenizer):
     template = load_template("llama2-chat")
     records = [CONVERSATION, Record("Translate", "猫", "cat " * 50), Record("hi", "", "ok", "只用中文回答。")]
@@ -353,6 +391,8 @@ def test_tiny_model_learns_conversations(model_dir, tokenizer_dir, tmp_path):
         {"conversations": [{"from": side, "value": text} for pair in talk for side, text in zip(("human", "gpt"), pair, strict=True)]}
         for talk in talks
     ]  # fmt: skip
+    # A last user turn without an answer trains nothing: the same examples, counted in data_stats.json.
+    sharegpt[0]["conversations"].append({"from": "human", "value": "And 鸟?"})
     write_json(data / "train" / "talks.json", sharegpt * 8)
     messages = [
         {
@@ -376,6 +416,7 @@ def test_tiny_model_learns_conversations(model_dir, tokenizer_dir, tmp_path):
     assert len(evals) >= 2 and evals[-1] < evals[0]
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["train"]["whole"] == 16 and stats["train"]["turns_trained"] == 8 * 5
+    assert stats["train"]["unanswered"] == 8 and stats["eval"]["unanswered"] == 0
     assert stats["eval"]["turns_trained"] == 5
 
 

@@ -37,8 +37,8 @@ from .tokenizer import TextTokenizer
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# Bump when encoding changes in a way the cache key cannot see.
-ENCODING_VERSION = 2
+# Bump when encoding changes in a way the cache key cannot see (the cached stats included).
+ENCODING_VERSION = 3
 TRAIN_ON_TURNS = ("all", "last")
 
 
@@ -101,9 +101,11 @@ class EncodeStats:
     shortened: int = 0
     turns_trained: int = 0
     tokens_trained: int = 0
+    # Conversations whose last user turn had no answer; that turn was left out when they were read.
+    unanswered: int = 0
     full_lengths: list[int] = field(default_factory=list)
 
-    COUNTS = ("whole", "truncated", "dropped", "shortened", "turns_trained", "tokens_trained")
+    COUNTS = ("whole", "truncated", "dropped", "shortened", "turns_trained", "tokens_trained", "unanswered")
 
     def report(self, name: str, max_seq_length: int) -> str:
         lengths = np.array(self.full_lengths or [0])
@@ -112,7 +114,8 @@ class EncodeStats:
             f"{name}: {len(self.full_lengths)} records -> {self.whole} kept whole, "
             f"{self.truncated} truncated to --max_seq_length {max_seq_length} (their EOS is lost), "
             f"{self.dropped} dropped (prompt alone fills --max_seq_length), "
-            f"{self.shortened} conversations shortened to the leading exchanges that fit. "
+            f"{self.shortened} conversations shortened to the leading exchanges that fit, "
+            f"{self.unanswered} ending in a user turn with no answer (that turn left out). "
             f"Trained: {self.turns_trained} assistant turns, {self.tokens_trained} tokens. "
             f"Length in tokens before truncation: p50 {p50}, p90 {p90}, p99 {p99}, max {int(lengths.max())}"
         )
@@ -170,6 +173,7 @@ def encode_records(
     end_id = template.end_id(tokenizer)
     after = tokenizer.encode(template.after_answer) if template.after_answer else []
     stats, examples, next_text = EncodeStats(), [], 0
+    stats.unanswered = sum(record.unanswered for record in records)
     for conversation in laid_out:
         parts = []
         for exchange in conversation:

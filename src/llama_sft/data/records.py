@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .text import TextCleaning, UnencodableText
@@ -44,6 +44,9 @@ class Record:
     output: str
     system: str | None = None
     history: tuple[tuple[str, str], ...] = ()
+    # The conversation ended with a user turn that has no answer, which was left out. Not part of
+    # the record's value (equality, hashing): only counted by the data report.
+    unanswered: bool = field(default=False, compare=False)
 
     @property
     def full_instruction(self) -> str:
@@ -188,7 +191,7 @@ def load_records(path: str | Path) -> list[Record]:
             continue
         system, messages = read_messages(item, kind, f"{path}, record {index}", cleaning, index)
         records.append(conversation_record(system, messages, f"{path}, record {index}"))
-        unanswered += messages[-1][0] == "user"
+        unanswered += records[-1].unanswered
     if not records:
         raise DataError(f"{path}: the file holds no records")
     if cleaning.summary():
@@ -251,7 +254,8 @@ def read_messages(
 
 
 def conversation_record(system: str | None, messages: list[tuple[str, str]], where: str) -> Record:
-    if messages[-1][0] == "user":
+    unanswered = messages[-1][0] == "user"
+    if unanswered:
         messages = messages[:-1]
     if not messages:
         raise DataError(
@@ -259,7 +263,7 @@ def conversation_record(system: str | None, messages: list[tuple[str, str]], whe
         )
     texts = [text for _, text in messages]
     history = tuple(zip(texts[0:-2:2], texts[1:-2:2], strict=True))
-    return Record(texts[-2], "", texts[-1], system, history)
+    return Record(texts[-2], "", texts[-1], system, history, unanswered)
 
 
 def _check_object(item: object, where: str, expected: str) -> None:
