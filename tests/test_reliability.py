@@ -42,16 +42,16 @@ RUNNER = textwrap.dedent(
             if state.global_step + 1 == self.step and self.what == "nan":
                 next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("nan"))
 
-    step, what = int(sys.argv[1]), sys.argv[2]
-    main(sys.argv[3:], callbacks=[Inject(step, what)])
+    step, what, task = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    main(sys.argv[4:], callbacks=[Inject(step, what)], task=task)
     """
 )
 
 
-def run_with(argv: list[str], step: int, what: str | int) -> subprocess.CompletedProcess:
+def run_with(argv: list[str], step: int, what: str | int, task: str = "sft") -> subprocess.CompletedProcess:
     """Train in a fresh process; at ``step`` send signal ``what`` to it, or make the gradients NaN."""
     return subprocess.run(
-        [sys.executable, "-c", RUNNER, str(step), str(what), *argv],
+        [sys.executable, "-c", RUNNER, str(step), str(what), task, *argv],
         capture_output=True,
         text=True,
         timeout=300,
