@@ -451,3 +451,29 @@ def test_run_pt_sh_runs_the_documented_command(world, tmp_path):
     )
     assert "blocks of --block_size 64" in result.stderr
     assert "LoRA ready for merging" in result.stderr
+
+
+def test_chat_continues_text_with_a_pre_training_lora(world, finished, tmp_path, caplog):
+    """No template is saved after pre-training: chat continues the text as written (template none)."""
+    from llama_sft.data.templates import load_template
+    from llama_sft.tools.demo import greedy_answer
+
+    questions = tmp_path / "starts.txt"
+    questions.write_text("小明今天去\n老师明天去\n", encoding="utf-8")
+    predictions = tmp_path / "continued.json"
+    cli_main(
+        [
+            "chat", "--base_model", str(world / "base"), "--lora_model", str(finished / "pt_lora_model"),
+            "--data_file", str(questions), "--predictions_file", str(predictions),
+            "--do_sample", "false", "--max_new_tokens", "6", "--repetition_penalty", "1.0",
+        ]
+    )  # fmt: skip
+    assert "pre-training LoRA" in caplog.text
+    tokenizer = TextTokenizer.load(world / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(str(world / "base"), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(finished / "pt_lora_model")).eval()
+    answers = json.loads(predictions.read_text(encoding="utf-8"))
+    assert [a["instruction"] for a in answers] == ["小明今天去", "老师明天去"]
+    for answer in answers:
+        expected = greedy_answer(reference, tokenizer, load_template("none"), answer["instruction"], 6)
+        assert answer["output"] == expected and expected

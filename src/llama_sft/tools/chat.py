@@ -185,12 +185,29 @@ def resolve_tokenizer(tokenizer_path: str | None, lora_model: str | None, base_m
     )
 
 
+def pretrained_only(folder: Path) -> bool:
+    """Whether a LoRA folder's training_args.json says it was trained by ``llama-sft pretrain``."""
+    try:
+        return (
+            json.loads((folder / "training_args.json").read_text(encoding="utf-8")).get("task")
+            == "pre-training"
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resolve_template(name: str | None, lora_model: str | None, base_model: str) -> Template:
     if name is not None:
         return load_template(name)
     for folder in (lora_model, base_model):
         if folder is not None and (Path(folder) / TEMPLATE_FILE).is_file():
             return load_template(Path(folder))
+    if lora_model is not None and pretrained_only(Path(lora_model)):
+        # A pre-training LoRA learned plain text: it continues text rather than answering prompts.
+        logger.info(
+            "%s is a pre-training LoRA: its text is continued as written (--prompt_template none)", lora_model
+        )
+        return load_template("none")
     logger.warning(
         "no %s beside the model; using the %r template (--prompt_template)", TEMPLATE_FILE, DEFAULT_TEMPLATE
     )
