@@ -206,3 +206,16 @@ def test_new_embedding_rows_start_at_the_mean_of_the_old(tmp_path):
         # covariance 1e-9 times theirs: the new rows sit at the mean, far closer than any old row.
         assert torch.allclose(weight[300:], mean.expand(40, -1), atol=float(spread.detach()) * 1e-2)
     assert json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"] == 300
+
+
+def test_long_tokenizing_logs_progress(tokenizer, tmp_path, monkeypatch, caplog):
+    from llama_sft.data import pretrain
+
+    monkeypatch.setattr(pretrain, "_PROGRESS_SECONDS", 0.0)
+    files = find_text_files(write_corpus(tmp_path / "data"))
+    with caplog.at_level("INFO", logger="llama_sft.data.pretrain"):
+        build_blocks(files, tokenizer, 5, None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing:")]
+    assert lines[0].startswith("tokenizing: done with a.txt (file 1 of 2)")
+    assert lines[-1].startswith("tokenizing: done with b.jsonl (file 2 of 2)")
+    assert ", 5 documents, " in lines[-1]

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 PRETRAIN_VERSION = 1
 # Documents tokenized per call: large enough for SentencePiece's threads, small enough to stay flat.
 _BATCH_DOCUMENTS = 2048
+_PROGRESS_SECONDS = 10.0
 
 
 def find_text_files(dataset_dir: str | Path) -> list[Path]:
@@ -228,7 +230,8 @@ def _write_tokens(
     out, files: list[Path], tokenizer: TextTokenizer, num_workers: int, stats: PretrainStats
 ) -> None:
     dtype = _dtype(tokenizer)
-    for path in files:
+    progress = _Progress(files)
+    for number, path in enumerate(files, start=1):
         stats.files += 1
         batch: list[str] = []
         for text in iter_documents(path):
@@ -236,7 +239,46 @@ def _write_tokens(
             if len(batch) == _BATCH_DOCUMENTS:
                 _flush(out, tokenizer, batch, num_workers, stats, dtype)
                 batch = []
+                progress.tick(path, number, stats)
         _flush(out, tokenizer, batch, num_workers, stats, dtype)
+        progress.file_done(path, number, stats)
+
+
+class _Progress:
+    """A log line every few seconds and after each file, for corpora that take more than a moment."""
+
+    def __init__(self, files: list[Path]):
+        self.files, self.total = len(files), sum(path.stat().st_size for path in files)
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def tick(self, path: Path, number: int, stats: PretrainStats) -> None:
+        if time.monotonic() - self.last >= _PROGRESS_SECONDS:
+            self._log(path, number, stats, "reading")
+
+    def file_done(self, path: Path, number: int, stats: PretrainStats) -> None:
+        self.done += path.stat().st_size
+        late = time.monotonic() - self.last >= _PROGRESS_SECONDS
+        # The last file's line closes a run that printed progress before.
+        if late or (number == self.files and self.last > self.start):
+            self._log(path, number, stats, "done with")
+
+    def _log(self, path: Path, number: int, stats: PretrainStats, what: str) -> None:
+        self.last = time.monotonic()
+        rate = stats.tokens / max(1e-9, self.last - self.start) / 1e6
+        logger.info(
+            "tokenizing: %s %s (file %d of %d), %.0f of %.0f MB in finished files, %d documents, "
+            "%d tokens so far (%.2f M tokens/s)",
+            what,
+            path.name,
+            number,
+            self.files,
+            self.done / 1e6,
+            self.total / 1e6,
+            stats.documents,
+            stats.tokens,
+            rate,
+        )
 
 
 def _flush(out, tokenizer, batch, num_workers, stats, dtype) -> None:
