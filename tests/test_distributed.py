@@ -22,10 +22,12 @@ DS_CONFIG = ROOT / "scripts" / "training" / "ds_zero2_no_offload.json"
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc: int, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, argv: list[str], tmp_path: Path, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc)]
-    command += ["--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT), *argv]
+    command += ["--master_port", str(29500 + os.getpid() % 1000), str(script), *argv]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -196,3 +198,25 @@ def test_two_processes_on_conversations(model_dir, tokenizer_dir, tmp_path):
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["train"]["whole"] + stats["train"]["shortened"] + stats["train"]["truncated"] == 16
     assert stats["train"]["turns_trained"] >= 16 and stats["eval"]["turns_trained"] >= 1
+
+
+def test_two_processes_pretraining(model_dir, tokenizer_dir, tmp_path):
+    """Pre-training under 2 processes: the first tokenizes the text into the cache, the second maps it;
+    both train, and the held-out blocks are the same in both."""
+    data = tmp_path / "text"
+    data.mkdir()
+    lines = [f"第{i}天，我们去公园散步，看见了{i % 7}只小鸟。" for i in range(200)]
+    (data / "days.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = train_argv(
+        model_dir, tokenizer_dir, data, out, dataset_dir=data, validation_file=None, max_seq_length=None,
+        per_device_train_batch_size=2, per_device_eval_batch_size=2, validation_split_percentage=0.05,
+    ) + ["--block_size", "32"]  # fmt: skip
+    result = torchrun(2, argv, tmp_path, script=ROOT / "scripts" / "training" / "run_clm_pt_with_peft.py")
+    assert "tokenized the data itself" not in result.stderr
+    assert "200 documents" in result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert any("eval_loss" in h for h in state["log_history"])
+    assert (out / "pt_lora_model" / "adapter_model.safetensors").is_file()
+    assert len(list((tmp_path / "cache").glob("pretrain-*.tokens"))) == 1
