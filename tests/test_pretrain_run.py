@@ -240,6 +240,17 @@ def test_sigterm_saves_then_resume_matches(world, tmp_path):
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    argv = pt_argv(world / "base", world / "tokenizer", world / "data", out, max_steps=6, save_steps=3)
+    result = run_with(argv, step=5, what="nan", task="pt")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "step 5: the loss is NaN or infinite" in result.stderr
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-3"] and not (out / "pt_lora_model").exists()
+    kept = load_file(out / "checkpoint-3" / "pt_lora_model" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
