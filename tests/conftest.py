@@ -132,6 +132,11 @@ def train_argv(
         "disable_tqdm": "True",
     }
     flags.update(overrides)
+    return flags_to_argv(flags)
+
+
+def flags_to_argv(flags: dict) -> list[str]:
+    """{"name": value} -> ["--name", "value"]; True is a bare flag, None and False leave the flag out."""
     argv = []
     for name, value in flags.items():
         if value is None or value is False:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import ROOT, SMALL_RECORDS, write_json
+from conftest import ROOT, SMALL_RECORDS, flags_to_argv, write_json
 from lora_helpers import logits
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -88,12 +88,7 @@ def pt_argv(model: Path, tokenizer: Path, data: Path, out: Path, **overrides) ->
         "disable_tqdm": "True",
     }
     flags.update(overrides)
-    argv = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    return argv
+    return flags_to_argv(flags)
 
 
 @pytest.fixture(scope="module")
