@@ -44,8 +44,8 @@ def _read_json(path: Path, fix: str) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or exc}); {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    except ValueError as exc:  # bad UTF-8 or JSON, or a number of more than 4300 digits
+        raise ModelError(f"{path}: not valid JSON ({first_line(exc)}); {fix}") from None
     if not isinstance(value, dict):
         raise ModelError(f"{path}: expected a JSON object, found {type(value).__name__}; {fix}")
     return value

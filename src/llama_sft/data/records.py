@@ -117,8 +117,13 @@ def _keep_duplicates(pairs: list[tuple[str, object]]) -> _Object:
 def _parse(text: str) -> object:
     try:
         return json.loads(text, object_pairs_hook=_keep_duplicates)
+    except json.JSONDecodeError:
+        raise
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except ValueError:
+        # The JSON parsed, but Python converts no integer of more than 4300 digits (by default).
+        raise json.JSONDecodeError("a number with too many digits", text, 0) from None
 
 
 def _read_text(path: Path) -> str:

@@ -287,7 +287,7 @@ def load_template(name_or_path: str | Path) -> Template:
             )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, a number of 4300+ digits
         raise TemplateError(f"{path}: cannot read the prompt template: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
         raise TemplateError(f"{path}: a template is a JSON object with a string 'prompt'")

@@ -423,7 +423,7 @@ def read_instructions(path: str | Path) -> list[dict]:
                 rows = json.loads(text)
             else:
                 rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or a number of 4300+ digits
             raise ChatError(
                 f"{path}: not valid JSON ({exc}); give an Alpaca file or one instruction a line (.txt)"
             ) from None

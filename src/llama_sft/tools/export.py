@@ -29,7 +29,9 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -97,65 +99,208 @@ def check_architecture(base: BaseModel) -> None:
     config, where = base.config, _config_file(base)
     model_type = config.get("model_type")
     architectures = config.get("architectures") or list(SUPPORTED_ARCHITECTURES)
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelError(
+            f"{where}: architectures is {_shown(architectures)}, not a list of class names; {_RESAVE_CONFIG}"
+        )
     if model_type != "llama" or not set(architectures) <= set(SUPPORTED_ARCHITECTURES):
-        found = f"model_type {model_type!r}, architectures {architectures}"
+        found = f"model_type {_shown(model_type)}, architectures {_shown(architectures)}"
         raise ModelError(
             f"{where}: {found}; llama-sft export writes llama.cpp's LLaMA graph (model_type 'llama', "
             "LlamaForCausalLM); convert other architectures with llama.cpp's convert_hf_to_gguf.py"
         )
     for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
+        value = config.get(flag)
+        if value not in (None, False):
+            state = "true" if value is True else f"{_shown(value)}, not true or false"
             raise ModelError(
-                f"{where}: {flag} is true; llama-sft export writes LLaMA models without bias vectors; "
+                f"{where}: {flag} is {state}; llama-sft export writes LLaMA models without bias vectors; "
                 "convert this model with llama.cpp's convert_hf_to_gguf.py"
             )
-    rope_parameters(base)
+    read_hparams(base)
+
+
+_RESAVE_CONFIG = "re-save the model (save_pretrained writes config.json) or fix that key"
+# GGUF stores sizes as unsigned 32-bit integers.
+_UINT32 = 2**32 - 1
+
+
+def _shown(value: object) -> str:
+    """A config value in a one-line message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(config: dict, key: str, where: Path, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None and default is None:
+        raise ModelError(f"{where}: has no {key}; {_RESAVE_CONFIG}")
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _UINT32):
+        raise ModelError(f"{where}: {key} is {_shown(value)}, not a positive integer; {_RESAVE_CONFIG}")
+    return value
+
+
+def _positive_number(value: object, what: str, where: Path) -> float:
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise ModelError(f"{where}: {what} is {_shown(value)}, not a positive number; {_RESAVE_CONFIG}")
+    return float(value)
+
+
+@dataclass
+class HParams:
+    """config.json's hyper-parameters as llama.cpp's LLaMA graph reads them, checked against the weights."""
+
+    context: int
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict  # {} or {"type": "linear" | "yarn", "factor": float, ...}
+
+
+def read_hparams(base: BaseModel) -> HParams:
+    """The hyper-parameters, each checked for type and range, and the sizes checked against the
+    weights' shapes: a GGUF whose sizes disagree with its tensors is one llama.cpp refuses to load."""
+    config, where = base.config, _config_file(base)
+    hidden = _positive_int(config, "hidden_size", where)
+    heads = _positive_int(config, "num_attention_heads", where)
+    layers = _positive_int(config, "num_hidden_layers", where)
+    ffn = _positive_int(config, "intermediate_size", where)
+    kv_heads = config.get("num_key_value_heads") or heads
+    if not (
+        isinstance(kv_heads, int)
+        and not isinstance(kv_heads, bool)
+        and kv_heads > 0
+        and heads % kv_heads == 0
+    ):
+        raise ModelError(
+            f"{where}: num_key_value_heads is {_shown(config.get('num_key_value_heads'))}; it must be a positive "
+            f"integer that divides num_attention_heads ({heads}); {_RESAVE_CONFIG}"
+        )
+    if config.get("head_dim") is not None:
+        head_dim = _positive_int(config, "head_dim", where)
+    elif hidden % heads:
+        raise ModelError(
+            f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} and there is no "
+            f"head_dim; {_RESAVE_CONFIG}"
+        )
+    else:
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ModelError(
+            f"{where}: the head size {head_dim} is odd; rotary embeddings rotate pairs; {_RESAVE_CONFIG}"
+        )
+    context = _positive_int(config, "max_position_embeddings", where, default=2048)
+    rms_eps = _positive_number(config.get("rms_norm_eps", 1e-6), "rms_norm_eps", where)
+    theta, scaling = rope_parameters(base)
+    hparams = HParams(context, hidden, ffn, layers, heads, kv_heads, head_dim, rms_eps, theta, scaling)
+    _check_shapes(base, hparams)
+    return hparams
+
+
+def _check_shapes(base: BaseModel, h: HParams) -> None:
+    where = _config_file(base)
+    found = {int(m[1]) for key in base.shapes if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    if found != set(range(h.layers)):
+        held = f"layers {min(found)}-{max(found)}" if found else "no layers"
+        raise ModelError(
+            f"{where}: num_hidden_layers is {h.layers} but the weights hold {held}; this config.json is "
+            "not the weights' (copy the whole model folder)"
+        )
+    q, kv = h.heads * h.head_dim, h.kv_heads * h.head_dim
+    expected = {"model.embed_tokens.weight": (None, h.hidden), "lm_head.weight": (None, h.hidden)}
+    for i in range(h.layers):
+        layer = f"model.layers.{i}."
+        expected |= {
+            f"{layer}self_attn.q_proj.weight": (q, h.hidden),
+            f"{layer}self_attn.k_proj.weight": (kv, h.hidden),
+            f"{layer}self_attn.v_proj.weight": (kv, h.hidden),
+            f"{layer}self_attn.o_proj.weight": (h.hidden, q),
+            f"{layer}mlp.gate_proj.weight": (h.ffn, h.hidden),
+            f"{layer}mlp.up_proj.weight": (h.ffn, h.hidden),
+            f"{layer}mlp.down_proj.weight": (h.hidden, h.ffn),
+            f"{layer}input_layernorm.weight": (h.hidden,),
+            f"{layer}post_attention_layernorm.weight": (h.hidden,),
+        }
+    for key, shape in expected.items():
+        have = base.shapes.get(key)
+        if have is None:
+            if key == "lm_head.weight":
+                continue  # tied to the embedding
+            raise ModelError(f"{base.folder}: the weights have no {key}; copy the whole model folder")
+        if len(have) != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, have, strict=True)
+        ):
+            sizes = (
+                f"hidden_size {h.hidden}, num_attention_heads {h.heads}, num_key_value_heads {h.kv_heads}, "
+                f"head size {h.head_dim}, intermediate_size {h.ffn}"
+            )
+            raise ModelError(
+                f"{where}: {key} has shape {list(have)}, which {sizes} do not give; this config.json is not "
+                "the weights' (copy the whole model folder)"
+            )
 
 
 def rope_parameters(base: BaseModel) -> tuple[float, dict]:
     """(RoPE base, scaling) from config.json, in either transformers 4's or 5's spelling."""
-    config = base.config
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    config, where = base.config, _config_file(base)
+    params = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ModelError(f"{where}: {key} is {_shown(value)}, not an object or null; {_RESAVE_CONFIG}")
+        params.update(value or {})
+    theta = _positive_number(params.get("rope_theta", config.get("rope_theta", 10000.0)), "rope_theta", where)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", None):
         return theta, {}
-    if kind in ("linear", "yarn") and isinstance(params.get("factor"), int | float):
-        return theta, {"type": kind, **params}
+    if kind in ("linear", "yarn") and "factor" in params:
+        scaling = {
+            **params,
+            "type": kind,
+            "factor": _positive_number(params["factor"], "the RoPE factor", where),
+        }
+        original = params.get("original_max_position_embeddings")
+        if kind == "yarn" and original is not None:
+            _positive_int(params, "original_max_position_embeddings", where)
+        return theta, scaling
     raise ModelError(
-        f"{_config_file(base)}: RoPE scaling {kind!r}; llama-sft export writes none, linear or yarn "
+        f"{where}: RoPE scaling {_shown(kind)}; llama-sft export writes none, linear or yarn "
         "scaling (with a 'factor'); convert this model with llama.cpp's convert_hf_to_gguf.py"
     )
 
 
 def write_hparams(writer: gguf.GGUFWriter, base: BaseModel, rows: int, outtype: str, name: str) -> None:
-    config = base.config
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    h = read_hparams(base)
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    if head_dim * heads != config["hidden_size"]:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_context_length(h.context)
+    writer.add_embedding_length(h.hidden)
+    writer.add_feed_forward_length(h.ffn)
+    writer.add_block_count(h.layers)
+    writer.add_head_count(h.heads)
+    writer.add_head_count_kv(h.kv_heads)
+    if h.head_dim * h.heads != h.hidden:
+        writer.add_key_length(h.head_dim)
+        writer.add_value_length(h.head_dim)
+    writer.add_rope_dimension_count(h.head_dim)
+    writer.add_layer_norm_rms_eps(h.rms_eps)
     writer.add_vocab_size(rows)
-    theta, scaling = rope_parameters(base)
-    writer.add_rope_freq_base(theta)
-    if scaling:
-        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["type"]))
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-        if scaling["type"] == "yarn":
-            original = scaling.get("original_max_position_embeddings")
+    writer.add_rope_freq_base(h.rope_theta)
+    if h.rope_scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(h.rope_scaling["type"]))
+        writer.add_rope_scaling_factor(h.rope_scaling["factor"])
+        if h.rope_scaling["type"] == "yarn":
+            original = h.rope_scaling.get("original_max_position_embeddings")
             if original:
                 writer.add_rope_scaling_orig_ctx_len(int(original))
 
@@ -290,10 +435,9 @@ class TensorPlan:
 
 
 def plan_tensors(base: BaseModel, shapes: dict[str, tuple[int, ...]], outtype: str) -> list[TensorPlan]:
-    config = base.config
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    names = gguf.get_tensor_name_map(ARCH, config["num_hidden_layers"])
+    h = read_hparams(base)
+    heads, kv_heads = h.heads, h.kv_heads
+    names = gguf.get_tensor_name_map(ARCH, h.layers)
     plans = []
     for path in base.files:
         for key in base.keys[path]:

@@ -241,10 +241,52 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
+def _check_lora_settings(config: dict, config_file: Path) -> None:
+    """The adapter_config.json values the merge computes with, checked for type: a string rank or
+    alpha, a pattern that is not a regular expression or a flag that is not a boolean is refused in
+    one line rather than failing, or merging wrongly, in the arithmetic."""
+
+    def bad(key: str, value: object, wanted: str) -> ModelError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return ModelError(
+            f"{config_file}: {key} is {shown}, not {wanted}; re-save the LoRA (PEFT's save_pretrained "
+            "writes adapter_config.json) or fix that value"
+        )
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    def rank(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+        if config.get(key) not in (None, True, False):
+            raise bad(key, config[key], "true or false")
+    if "r" in config and not rank(config["r"]):
+        raise bad("r", config["r"], "a positive integer")
+    if "lora_alpha" in config and not number(config["lora_alpha"]):
+        raise bad("lora_alpha", config["lora_alpha"], "a finite number")
+    for key, valid, wanted in (
+        ("alpha_pattern", number, "a finite number"),
+        ("rank_pattern", rank, "a positive integer"),
+    ):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise bad(key, patterns, "an object of module patterns")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise bad(f"{key}[{pattern!r}]", value, wanted)
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
+            except re.error:
+                raise bad(f"the {key} key", pattern, "a regular expression") from None
+
+
 def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
     folder = Path(folder)
     config, weights_file = check_adapter_dir(folder, "--lora_model")
     config_file = folder / ADAPTER_CONFIG
+    _check_lora_settings(config, config_file)
     # PEFT can load this variant, but its update is not B @ A alone: refused rather than mis-merged.
     if config.get("lora_bias"):
         raise ModelError(
