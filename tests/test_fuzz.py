@@ -511,7 +511,7 @@ ODD = {
     },
     "adapter_config.json": {
         "r": [0, -1, 2.5, "2", None, 4, 10**30, True],
-        "lora_alpha": [0, "8", None, float("nan"), float("inf"), -8, True, 1e308],
+        "lora_alpha": [0, "8", None, float("nan"), float("inf"), -8, True, 1e308, 1e39, 1e30, 1e6],
         "use_rslora": [True, "yes", 1],
         "use_dora": [True, "false"],
         "fan_in_fan_out": [True, 1],

@@ -466,20 +466,45 @@ CHUNK_BYTES = 16 * 2**20
 SAME_TYPE = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16}
 
 
+# The largest magnitude each output type holds: f16's 65504, and in q8_0 a block's scale (its largest
+# magnitude / 127) is an f16; bf16 has float32's exponent but rounds up to infinity a little earlier.
+LIMITS = {
+    gguf.GGMLQuantizationType.F32: float(np.finfo(np.float32).max),
+    gguf.GGMLQuantizationType.BF16: 3.38e38,
+    gguf.GGMLQuantizationType.F16: 65504.0,
+    gguf.GGMLQuantizationType.Q8_0: 65504.0 * 127,
+}
+
+
+class NotRepresentable(ValueError):
+    """A tensor holds NaN, infinity, or a value the output type cannot hold (``export`` names the source)."""
+
+
+def _check_range(block: torch.Tensor, plan: TensorPlan) -> None:
+    largest = float(block.abs().max()) if block.numel() else 0.0
+    if not largest <= LIMITS[plan.qtype]:  # also false for NaN
+        raise NotRepresentable(f"largest magnitude {largest:.3g}")
+
+
 def convert(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
     """The tensor's data as ``plan.qtype``, by the gguf package's quantisers, a block of rows at a
-    time so that only the output and one block are held besides the (memory-mapped) input."""
+    time so that only the output and one block are held besides the (memory-mapped) input. Raises
+    ``NotRepresentable`` for NaN, infinity or a value beyond the type's range (f16: 65504)."""
     if plan.permute_heads is not None:
         # Hugging Face keeps each head's rotary halves apart; llama.cpp rotates adjacent pairs (Meta's order).
         tensor = unpermute(tensor, plan.permute_heads)
     tensor = tensor.detach()
-    if SAME_TYPE.get(plan.qtype) == tensor.dtype:
-        return tensor.contiguous().numpy()  # already in the file's type: written from the mapping as it is
     rows = tensor.reshape(-1, tensor.shape[-1])
     step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
+    if SAME_TYPE.get(plan.qtype) == tensor.dtype:
+        for start in range(0, rows.shape[0], step):
+            _check_range(rows[start : start + step], plan)
+        return tensor.contiguous().numpy()  # already in the file's type: written from the mapping as it is
     out = None
     for start in range(0, rows.shape[0], step):
-        block = gguf.quants.quantize(rows[start : start + step].to(torch.float32).numpy(), plan.qtype)
+        chunk = rows[start : start + step].to(torch.float32)
+        _check_range(chunk, plan)
+        block = gguf.quants.quantize(chunk.numpy(), plan.qtype)
         if out is None:
             out = np.empty((rows.shape[0], block.shape[1]), dtype=block.dtype)
         out[start : start + step] = block
@@ -617,6 +642,21 @@ def _check_disk(out: Path, needed: int) -> None:
         )
 
 
+def _not_representable(
+    base: BaseModel, adapters: list[Adapter], plan: TensorPlan, outtype: str, exc: NotRepresentable
+) -> ModelError:
+    changed_by = [str(a.weights_file) for a in adapters if plan.key in a.ops]
+    if changed_by:
+        where = f"{', '.join(changed_by)}: {plan.key}, merged,"
+        fix = "check lora_alpha and r in adapter_config.json (alpha is usually 1-4x r)"
+    else:
+        where = f"{next(p for p in base.files if plan.key in base.keys[p])}: {plan.key}"
+        fix = "the weights are damaged, or were trained in a wider type"
+    if outtype in ("f16", "q8_0"):
+        fix += "; --outtype bf16 or f32 hold values beyond f16's 65504"
+    return ModelError(f"{where} holds NaN, infinity or a value {outtype} cannot hold ({exc}); {fix}")
+
+
 def export(
     base_model: str | Path,
     lora_models: list[str | Path] = (),
@@ -678,7 +718,11 @@ def export(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for plan, tensor in iter_tensors(base, adapters, plans):
-            writer.write_tensor_data(convert(tensor, plan))
+            try:
+                data = convert(tensor, plan)
+            except NotRepresentable as exc:
+                raise _not_representable(base, adapters, plan, outtype, exc) from None
+            writer.write_tensor_data(data)
         writer.close()
         eos, bos = (vocab.tokens[i].decode() for i in (vocab.eos_id, vocab.bos_id))
         tmp_modelfile.write_text(modelfile(out.name, template, eos, bos))

@@ -25,7 +25,6 @@ computed, so the peak is about the largest base shard plus the adapters (see doc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -141,7 +140,8 @@ def _open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
         header = json.loads(handle.read(header_size))
         # ACCESS_COPY: a writable (copy-on-write) view, which torch.frombuffer wants; nothing is copied
         # unless written, and nothing here writes.
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        # Held only through this list and the tensors: torch.frombuffer keeps a reference to the map.
+        maps = [mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)]
     start = 8 + header_size
 
     def get(name: str) -> torch.Tensor:
@@ -151,16 +151,17 @@ def _open_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
         if begin == end:
             return torch.empty(entry["shape"], dtype=dtype)
         flat = torch.frombuffer(
-            mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+            maps[0], dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
         )
         return flat.view(entry["shape"])
 
     try:
         yield get
     finally:
-        # A caller may still hold a tensor; then the mapping goes when that tensor does.
-        with contextlib.suppress(BufferError):
-            mapped.close()
+        # Not closed here: closing unmaps the file even under a tensor that still views it (one a caller
+        # kept, or one a traceback holds), and reading that tensor then crashes the process. Dropped
+        # instead, the map is unmapped when the last tensor viewing it is freed: at once, when none is.
+        maps.clear()
 
 
 def read_base_model(folder: str | Path) -> BaseModel:
@@ -359,7 +360,14 @@ def read_adapter(folder: str | Path, base: BaseModel) -> Adapter:
                 r,
                 module_rank,
             )
+        if r == 0:
+            raise ModelError(f"{weights_file}: {module} has rank 0 (empty lora_A); re-save the LoRA")
         scaling = module_alpha / math.sqrt(r) if config.get("use_rslora") else module_alpha / r
+        if not abs(scaling) <= torch.finfo(torch.float32).max:
+            raise ModelError(
+                f"{config_file}: lora_alpha {module_alpha!r} over rank {r} scales {module} by {scaling:.3g}, "
+                "beyond float32; the adapter_config.json is not this LoRA's (lora_alpha is usually 1-4x r)"
+            )
         transpose = embedding or bool(config.get("fan_in_fan_out"))
         magnitude = magnitudes.pop(module, None)
         if dora and (magnitude is None or magnitude.numel() != ab["B"].shape[0]):
