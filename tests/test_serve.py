@@ -163,6 +163,11 @@ def test_completions_render_the_raw_prompt(live, tokenizer, folders):
         model=live.model, prompt="猫 is", temperature=0, max_tokens=6, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+    # A temperature too small to divide the logits by in float32 (a subnormal) decodes greedily.
+    tiny = client.completions.create(
+        model=live.model, prompt="猫 is", temperature=2.225073858507e-311, max_tokens=6
+    )
+    assert tiny.choices[0].text == expected
 
 
 def test_stop_strings_seed_and_sampling(live, reference):

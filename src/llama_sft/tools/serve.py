@@ -90,9 +90,14 @@ class RequestError(Exception):
 # The batch
 
 
+# Below this a temperature divides the logits past float32's range (inf, then NaN probabilities): it
+# decodes greedily, as temperature 0 does (vLLM draws the same line).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class Sampling:
-    """One request's generation settings; temperature 0 decodes greedily."""
+    """One request's generation settings; temperature 0 (or below GREEDY_BELOW) decodes greedily."""
 
     max_tokens: int
     temperature: float
@@ -102,6 +107,10 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     min_tokens: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature >= GREEDY_BELOW
 
     def processors(self):
         from transformers import (
@@ -115,7 +124,7 @@ class Sampling:
         chain = []
         if self.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.temperature > 0:
+        if self.sampled:
             chain.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k > 0:
                 chain.append(TopKLogitsWarper(self.top_k))
@@ -152,7 +161,7 @@ class Job:
         self.sent = ""
         self.chain = sampling.processors()
         self.generator = None
-        if sampling.temperature > 0:
+        if sampling.sampled:
             self.generator = torch.Generator(device)
             if sampling.seed is None:
                 self.generator.seed()
