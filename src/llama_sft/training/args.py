@@ -363,14 +363,22 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def check_deepspeed_config(argv: list[str]) -> None:
     value = flag_value(argv, "--deepspeed")
     if value is not None and not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArgumentError(
                 f"{value}: --deepspeed config file not found (e.g. scripts/training/ds_zero2_no_offload.json)"
-            )
+            ) from None
+        except OSError as exc:  # a name too long for the file system, no permission, ...
+            raise ArgumentError(
+                f"{value}: --deepspeed config file cannot be read ({exc.strerror}); give the path of a JSON "
+                "file such as scripts/training/ds_zero2_no_offload.json"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
         try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            json.loads(text)
+        except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError and huge integers
             raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
 
 
