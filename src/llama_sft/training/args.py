@@ -364,8 +364,9 @@ def check_deepspeed_config(argv: list[str]) -> None:
     value = flag_value(argv, "--deepspeed")
     if value is not None and not value.lstrip().startswith("{"):
         try:
-            text = Path(value).read_text(encoding="utf-8")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raw = Path(value).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+            # ValueError: a name the file system cannot hold (a lone surrogate, a NUL).
             raise ArgumentError(
                 f"{value}: --deepspeed config file not found (e.g. scripts/training/ds_zero2_no_offload.json)"
             ) from None
@@ -374,10 +375,8 @@ def check_deepspeed_config(argv: list[str]) -> None:
                 f"{value}: --deepspeed config file cannot be read ({exc.strerror}); give the path of a JSON "
                 "file such as scripts/training/ds_zero2_no_offload.json"
             ) from None
-        except UnicodeDecodeError as exc:
-            raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
         try:
-            json.loads(text)
+            json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError and huge integers
             raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
 
