@@ -81,6 +81,14 @@ def model_vocab_size(path: str | Path, flag: str = "--model_name_or_path") -> in
     return read_model_config(path, flag)["vocab_size"]
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, where a name the file system cannot hold (too long, say) is no file either."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def weight_files(folder: str | Path, flag: str = "--model_name_or_path") -> list[Path]:
     """The files holding a model's weights: the shards its index lists, or the single file."""
     folder = Path(folder)
@@ -94,7 +102,7 @@ def weight_files(folder: str | Path, flag: str = "--model_name_or_path") -> list
                     raise ValueError("its weight_map is empty")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelError(f"{index}: not a valid shard index ({exc}); re-save the model") from None
-            missing = [str(path) for path in files if not path.is_file()]
+            missing = [str(path) for path in files if not _is_file(path)]
             if missing:
                 raise ModelError(
                     f"{missing[0]}: listed in {index.name} but missing; copy the whole model folder"
