@@ -162,7 +162,6 @@ class Tokenized:
     stats: dict = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     from_cache: bool = True
-    labelled: int = 0
 
 
 def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, data) -> Tokenized:
@@ -197,9 +196,8 @@ def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, 
             f"{where}: every training record's prompt fills --max_seq_length {max_len}, leaving no answer "
             "to train on; raise --max_seq_length or shorten the prompts"
         )
-    labelled = int((train_set.labels != IGNORE_INDEX).sum()) if len(train_set) else 0
     stats = {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()}
-    return Tokenized(train_set, eval_set, stats, reports, from_cache, labelled)
+    return Tokenized(train_set, eval_set, stats, reports, from_cache)
 
 
 def find_pretrain_files(args: TrainArgs) -> tuple[list[Path], list[Path]]:
@@ -215,9 +213,8 @@ def find_pretrain_files(args: TrainArgs) -> tuple[list[Path], list[Path]]:
     return train_files, eval_files
 
 
-def pretrain_block_size(args: TrainArgs, model_path: str) -> int:
-    """--block_size, or the model's context up to 1024 (the original run_clm's default); checked."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
+def pretrain_block_size(args: TrainArgs, model_path: str, config: dict) -> int:
+    """--block_size, or the model's context (``config.json``'s) up to 1024 (the original run_clm's default)."""
     context = config.get("max_position_embeddings")
     context = context if isinstance(context, int) and context > 0 else None
     block_size = args.data.block_size or min(1024, context or 1024)
@@ -249,7 +246,7 @@ def tokenize_pretrain(args: TrainArgs, tokenizer: TextTokenizer, files, block_si
             )
         reports.append(f"eval data: {len(eval_set)} of the {train_stats.blocks} blocks held out")
         stats["eval"] = {"blocks": len(eval_set), "held_out_of": train_stats.blocks}
-    return Tokenized(train_set, eval_set, stats, reports, from_cache, train_set.num_tokens())
+    return Tokenized(train_set, eval_set, stats, reports, from_cache)
 
 
 def check_output_dir(args: TrainArgs) -> str | None:
@@ -385,12 +382,12 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
             template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
         files = load_data(args, tokenizer, template)
     model_path = args.model.model_name_or_path
-    check_model_dir(model_path, "--model_name_or_path", need_weights=not training.dry_run)
+    model_config = check_model_dir(model_path, "--model_name_or_path", need_weights=not training.dry_run)
     check_vocab(model_vocab_size(model_path), len(tokenizer), model_path, args.model.tokenizer_name_or_path)
     if task == "pt":
         # A block is one sequence: everything sized by --max_seq_length (the memory plan, the fused
         # head's chunks) is sized by the block.
-        args.data.block_size = args.data.max_seq_length = pretrain_block_size(args, model_path)
+        args.data.block_size = args.data.max_seq_length = pretrain_block_size(args, model_path, model_config)
     if args.lora.peft_path:
         check_adapter_dir(args.lora.peft_path, "--peft_path")
     resume_from = check_output_dir(args)
@@ -420,7 +417,13 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
     for line in data.reports:
         logger.info(line)
     if training.dry_run:
-        print(dry_run_report(args, len(tokenizer), data.train_set.lengths(), data.labelled))
+        # Every token of a block is a label; SFT labels only the answers.
+        labelled = (
+            data.train_set.num_tokens()
+            if task == "pt"
+            else int((data.train_set.labels != IGNORE_INDEX).sum())
+        )
+        print(dry_run_report(args, len(tokenizer), data.train_set.lengths(), labelled))
         return None
 
     # 4. Model and LoRA, with the speed-ups that fit (seeded first: the LoRA A matrices are drawn
