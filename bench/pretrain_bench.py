@@ -313,11 +313,15 @@ def run_original(w: dict, batch: int) -> dict:
 
 
 def run_llama_sft(w: dict, dtype: str, extra: list[str], batch: int) -> dict:
-    from llama_sft.training.run import train  # isort: skip  (first: it sets PyTorch's allocation options)
+    # First, as `llama-sft pretrain` does: PyTorch's allocation options before anything allocates a tensor.
+    from llama_sft.speedups import prepare_process  # isort: skip
 
+    prepare_process(set())
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
+
+    from llama_sft.training.run import train
 
     out = os.path.join(w["scratch"], "out-llama-sft")
     args = settings(w, out, batch)

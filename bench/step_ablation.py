@@ -36,7 +36,10 @@ from pathlib import Path
 
 import train_bench
 
-import llama_sft.speedups as speedups  # before torch: it sets the environment PyTorch reads
+import llama_sft.speedups as speedups
+
+# As `llama-sft train` does, before anything allocates a tensor.
+speedups.prepare_process(set())
 
 # cpu_environment is set when the process starts, so it cannot be left out of one variant.
 VARIANTS = ("all", "off", "-packing", *(f"-{name}" for name in speedups.NAMES if name != "cpu_environment"))
@@ -72,8 +75,9 @@ def build_variant(variant: str, w: dict, dtype: str, scratch: Path):
     import torch
 
     from llama_sft.data.tokenizer import TextTokenizer
+    from llama_sft.training.args import parse_train_args
     from llama_sft.training.model import attach_lora, load_base_model
-    from llama_sft.training.run import parse_for_this_machine
+    from llama_sft.training.precision import Machine
     from llama_sft.training.trainer import SftTrainer
 
     argv = [
@@ -83,7 +87,7 @@ def build_variant(variant: str, w: dict, dtype: str, scratch: Path):
         "--modules_to_save", "embed_tokens,lm_head", "--torch_dtype", dtype,
         *(["--bf16"] if dtype == "bfloat16" else []), *variant_flags(variant),
     ]  # fmt: skip
-    args = parse_for_this_machine(argv)
+    args = parse_train_args(argv, Machine.detect())
     size = len(TextTokenizer.load(w["tokenizer"]))
     torch.manual_seed(0)
 

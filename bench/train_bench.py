@@ -408,13 +408,15 @@ def run_trl(w: dict, batch: int, accum: int, padding_free=False, loss_type="nll"
 def run_llama_sft(
     w: dict, dtype: str, max_tokens_per_pass: int | None = None, return_freed_memory: bool = True
 ) -> dict:
-    # First, as `llama-sft train` imports it: it sets PyTorch's allocation options before anything
-    # allocates a tensor.
-    from llama_sft.training.run import train  # isort: skip
+    # First, as `llama-sft train` does: PyTorch's allocation options before anything allocates a tensor.
+    from llama_sft.speedups import prepare_process  # isort: skip
 
+    prepare_process(set())
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
+
+    from llama_sft.training.run import train
 
     out = os.path.join(w["scratch"], f"out-llama-sft-{dtype}")
     settings = trainer_settings(w, w["global_batch"], 1, out)

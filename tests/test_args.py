@@ -67,6 +67,9 @@ def test_modules_to_save_null_and_group_by_length():
     args = parse_train_args(["--model_name_or_path", "M", "--modules_to_save", "null", "--group_by_length"])
     assert args.lora.modules_to_save_list is None
     assert args.training.train_sampling_strategy == "group_by_length"
+    for off in (["--group_by_length", "False"], ["--group_by_length=false"]):
+        args = parse_train_args(["--model_name_or_path", "M", *off, "--lora_rank", "4"])
+        assert args.training.train_sampling_strategy != "group_by_length" and args.lora.lora_rank == 4
 
 
 def test_bad_config_and_missing_model(tmp_path):
@@ -89,17 +92,41 @@ def test_fp16_on_a_cpu_becomes_bfloat16_only_where_bfloat16_is_native(monkeypatc
     """--fp16 on a CPU: bfloat16 (which the speed-ups then run as llama-sft's own autocast) where
     the CPU multiplies in bfloat16 natively, float32 where it would be emulated; with DeepSpeed,
     float32 always."""
-    from llama_sft.training import precision
-    from llama_sft.training.run import parse_for_this_machine
+    from llama_sft.training.precision import Machine
 
     base = ["--model_name_or_path", "M", "--output_dir", "O", "--dataset_dir", "D"]
     for native in (True, False):
-        monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda native=native: (native, "test"))
-        t = parse_for_this_machine(base + ["--fp16", "--torch_dtype", "float16"])
-        assert not t.training.fp16 and t.training.bf16 == native
+        cpu = Machine(cuda=False, cpu="Test CPU", bf16_fast=native, bf16_why="test", under_torchrun=False)
+        t = parse_train_args(base + ["--fp16", "--torch_dtype", "float16"], cpu)
+        assert not t.training.fp16 and t.training.bf16 == native and t.training.use_cpu
         assert t.model.torch_dtype == ("bfloat16" if native else "float32")
-        with_ds = parse_for_this_machine(base + ["--fp16", "--deepspeed", DS_CONFIG]).training
-        assert not with_ds.fp16 and not with_ds.bf16
+        # What was asked is kept beside what runs.
+        assert t.requested == {
+            "fp16": True,
+            "torch_dtype": "float16",
+            "use_cpu": False,
+            **({"bf16": False} if native else {}),
+        }
+        assert t.to_dict()["requested"]["fp16"] is True and t.to_dict()["training"]["fp16"] is False
+        with_ds = parse_train_args(base + ["--fp16", "--deepspeed", DS_CONFIG], cpu)
+        assert not with_ds.training.fp16 and not with_ds.training.bf16 and not with_ds.training.use_cpu
+        assert with_ds.requested == {"fp16": True}
+    gpu = Machine(cuda=True, cpu="Test CPU", bf16_fast=False, bf16_why="test", under_torchrun=False)
+    on_gpu = parse_train_args(base + ["--fp16", "--torch_dtype", "float16"], gpu)
+    assert on_gpu.requested == {} and on_gpu.model.torch_dtype == "float16"
+
+
+def test_config_yaml_is_read_once_and_flags_after_it_win(tmp_path):
+    """--config is expanded in place: a flag before it is overridden by the file, one after it wins;
+    the documented --gradient_checkpointing is taken as transformers 5's activation_checkpointing."""
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: M\nlora_rank: 16\nspeedups: 'off'\ngradient_checkpointing: true\n")
+    args = parse_train_args(["--lora_rank", "4", "--config", str(config), "--output_dir", "O"])
+    assert args.lora.lora_rank == 16 and args.training.speedups == "off"
+    assert args.training.activation_checkpointing and args.training.gradient_checkpointing
+    assert args.training.activation_checkpointing_kwargs == {"use_reentrant": False}
+    args = parse_train_args(["--config", str(config), "--lora_rank", "4", "--output_dir", "O"])
+    assert args.lora.lora_rank == 4
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch):

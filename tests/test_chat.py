@@ -120,7 +120,7 @@ def test_interactive_streams_and_keeps_llama2_chat_history(tiny):
     assert "multi-turn" in shown and shown.count(">>> ") == 5 and "(history cleared)" in shown
 
     # The same conversation by hand: the streamed text is what greedy decoding of these prompts gives.
-    from llama_sft.tools.chat import load_model
+    from llama_sft.loading import load_model
 
     model = load_model(root / "base", root / "lora", torch.device("cpu"))
     settings = GenerationSettings(max_new_tokens=5, do_sample=False)
@@ -272,7 +272,7 @@ def test_batch_mode_answers_the_last_turn_of_conversations(tiny, tmp_path):
     prompt is training's sequence for the same conversation up to that answer."""
     from llama_sft.data.encode import IGNORE_INDEX, encode_record
     from llama_sft.data.records import Record
-    from llama_sft.tools.chat import load_model
+    from llama_sft.loading import load_model
 
     root, tokenizer = tiny
     sharegpt = tmp_path / "talks.json"

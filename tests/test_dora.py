@@ -16,7 +16,8 @@ from test_merge import run_cli
 from transformers import AutoModelForCausalLM
 
 from llama_sft.speedups.fused_modules import FusedLoraLinear, use_fused_modules
-from llama_sft.tools.merge import merge, permute
+from llama_sft.tools.merge import merge
+from llama_sft.tools.weights import permute
 from llama_sft.training.args import LoraArguments, parse_train_args
 from llama_sft.training.model import attach_lora
 from llama_sft.training.planner import build_meta_model, count_parameters

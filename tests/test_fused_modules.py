@@ -290,6 +290,27 @@ def test_rotary_embedding_equals_transformers_forward_and_backward(dtype, built)
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_installed_transformers_has_the_mirrored_attention_forward():
+    """An upgrade of transformers that changes LlamaAttention.forward turns the rotary_kernel
+    speed-up off without a word (use_fused_modules keeps transformers' class); this fails first."""
+    import hashlib
+
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    import llama_sft.speedups.fused_modules as fused_modules
+
+    fused_modules.mirrors_llama_attention.cache_clear()
+    installed = hashlib.sha256(inspect.getsource(LlamaAttention.forward).encode()).hexdigest()
+    assert fused_modules.mirrors_llama_attention(), (
+        f"transformers {transformers.__version__}: LlamaAttention.forward is not the one "
+        "FusedRotaryLlamaAttention.forward mirrors, so the rotary_kernel speed-up is off. Re-mirror it: "
+        "copy the new forward into FusedRotaryLlamaAttention.forward with the rotary call replaced as "
+        f"before, set LLAMA_ATTENTION_FORWARD_SHA256 to {installed}, and move pyproject.toml's "
+        "transformers range and requirements.txt's pin to this version"
+    )
+
+
 def test_llama_attention_forward_is_the_one_mirrored(monkeypatch):
     """FusedRotaryLlamaAttention.forward mirrors LlamaAttention.forward of the pinned transformers
     (5.24): its source is the one recorded, so the class is given; with another source (a

@@ -47,8 +47,8 @@ from llama_sft.data.records import DataError, load_records
 from llama_sft.data.templates import TemplateError, load_template, prompt_ids
 from llama_sft.data.tokenizer import TextTokenizer, TokenizerError
 from llama_sft.tools.chat import ChatError, read_instructions
-from llama_sft.training.args import ArgumentError
-from llama_sft.training.run import parse_for_this_machine
+from llama_sft.training.args import ArgumentError, parse_train_args
+from llama_sft.training.precision import Machine
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 FOUND = CORPUS / "found"
@@ -640,11 +640,11 @@ def check_template(path: Path, tokenizer: TextTokenizer) -> None:
 
 
 def run_parser(argv: list[str]) -> None:
-    """parse_for_this_machine as ``llama-sft train`` calls it: an argparse error must be one line, exit 2."""
+    """The parse as ``llama-sft train`` makes it: an argparse error must be one line, exit 2."""
     err = io.StringIO()
     try:
         with redirect_stderr(err):
-            expect(lambda: parse_for_this_machine(argv), (ArgumentError,))
+            expect(lambda: parse_train_args(argv, Machine.detect()), (ArgumentError,))
     except SystemExit as exit_:
         # The whole message on the last line (a library may have logged something before it).
         last = err.getvalue().strip().splitlines()[-1]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from test_reliability import RUNNER, run_with  # noqa: F401  (the kill-and-resume runner)
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from llama_sft.training.run import main, train
+from llama_sft.training.command_line import main
+from llama_sft.training.run import train
 
 pytest.importorskip("bitsandbytes")
 
@@ -79,7 +80,7 @@ def test_kbit_lora_trains_and_its_adapter_loads_and_merges_on_the_unquantised_ba
         return
 
     # chat loads the base in 4 bits with the adapter beside it, unmerged.
-    from llama_sft.tools.chat import load_model
+    from llama_sft.loading import load_model
 
     quantised = load_model(model_dir, lora_dir, torch.device("cpu"), load_in_kbits=4)
     assert (

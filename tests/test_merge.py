@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from llama_sft.cli import main as cli_main
 from llama_sft.tools.demo import make_tokenizer
-from llama_sft.tools.merge import merge, meta_params, permute
+from llama_sft.tools.merge import merge, meta_params
+from llama_sft.tools.weights import permute
 
 
 def merged_logits_diff(base: Path, loras: list[Path], out: Path) -> float:
@@ -267,10 +268,10 @@ def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    import llama_sft.tools.merge as merge_module
+    import llama_sft.tools.weights as weights_module
 
     calls = {"n": 0}
-    real = merge_module.merged_tensor
+    real = weights_module.merged_tensor
 
     def failing(*args):
         calls["n"] += 1
@@ -278,7 +279,7 @@ def test_failure_while_writing_leaves_output_untouched(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args)
 
-    monkeypatch.setattr(merge_module, "merged_tensor", failing)
+    monkeypatch.setattr(weights_module, "merged_tensor", failing)
     with pytest.raises(OSError):
         merge(base, [lora], "huggingface", out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -29,7 +29,7 @@ RUNNER = textwrap.dedent(
     """
     import json, os, signal, sys
     from transformers import TrainerCallback
-    from llama_sft.training.run import main
+    from llama_sft.training.command_line import main
 
     class Inject(TrainerCallback):
         # At one step: send this process a signal, or make the gradients NaN as a NaN loss would.

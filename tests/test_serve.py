@@ -22,11 +22,13 @@ from lora_helpers import write_lora
 
 from llama_sft.data.templates import load_template, prompt_ids
 from llama_sft.data.text import clean_text
-from llama_sft.tools.chat import GenerationSettings, generate_ids, load_model
+from llama_sft.loading import load_model
+from llama_sft.tools.chat import GenerationSettings, generate_ids
 from llama_sft.tools.chat import main as chat_main
 from llama_sft.tools.demo import make_model, make_tokenizer
-from llama_sft.tools.serve import ServeError, create_app, prepare
-from llama_sft.tools.serve import main as serve_main
+from llama_sft.tools.serve.app import create_app
+from llama_sft.tools.serve.command import ServeError, prepare
+from llama_sft.tools.serve.command import main as serve_main
 
 MAX_LEN = 160
 KEY = "sk-test-5f1c"

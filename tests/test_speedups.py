@@ -18,7 +18,8 @@ from conftest import train_argv
 from transformers import TrainerCallback
 
 from llama_sft.speedups import NAMES, cpu_kernels
-from llama_sft.training.run import main, train
+from llama_sft.training.command_line import main
+from llama_sft.training.run import train
 from llama_sft.training.trainer import SftTrainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llama_sft"
@@ -170,9 +171,12 @@ def test_the_core_reaches_the_speedups_through_one_call_only():
         found = [name for name in imported_modules(path) if "speedups" in name]
         if found:
             uses[path.relative_to(PACKAGE).as_posix()] = found
-    assert uses == {"training/run.py": ["..:speedups"]}
+    # The run applies them; the command-line entry prepares the process before PyTorch allocates.
+    assert uses == {"training/run.py": ["..:speedups"], "training/command_line.py": ["..:speedups"]}
     run_source = (PACKAGE / "training" / "run.py").read_text()
     assert re.findall(r"speedups\.\w+", run_source) == ["speedups.apply"]
+    entry_source = (PACKAGE / "training" / "command_line.py").read_text()
+    assert re.findall(r"speedups\.\w+", entry_source) == ["speedups.prepare_process"]
 
 
 def test_a_trainer_without_the_speedups_package_still_trains(model_dir, tokenizer_dir, data_dir, tmp_path):
@@ -190,9 +194,12 @@ def test_a_trainer_without_the_speedups_package_still_trains(model_dir, tokenize
         "callbacks=[], report={}, compute_dtype='float32')",
     )
     run_py.write_text(source)
+    entry = copy / "training" / "command_line.py"
+    source = re.sub(r"^    from \.\. import speedups\n", "", entry.read_text(), flags=re.M)
+    entry.write_text(re.sub(r"^    speedups\.prepare_process\(.*\)\n", "    pass\n", source, flags=re.M))
     argv = train_argv(model_dir, tokenizer_dir, data_dir, tmp_path / "out", max_steps=2)
     script = (
-        "import os, sys, llama_sft; from llama_sft.training.run import main; main(sys.argv[1:]); "
+        "import os, sys, llama_sft; from llama_sft.training.command_line import main; main(sys.argv[1:]); "
         "assert 'speedups' not in os.listdir(os.path.dirname(llama_sft.__file__)); "
         "assert not [m for m in sys.modules if m.startswith('llama_sft.speedups')]"
     )

@@ -229,9 +229,10 @@ def test_bin_base_bin_adapter_template_file_and_tensorboard(
     assert eval_loss(tuned, tokenizer, data_dir / "eval.json") < 100
 
 
+# The training entry with the run itself replaced by a probe: what the process looks like when
+# the run starts. The run module is not imported before the entry (that would allocate).
 ALLOCATION_PROBE = """
-import os
-import llama_sft.training.run
+import os, sys, types
 def huge_kib():
     try:
         with open("/proc/self/smaps_rollup") as f:
@@ -239,11 +240,18 @@ def huge_kib():
     except OSError:
         return -1
     return next((int(line.split()[1]) for line in lines if line.startswith("AnonHugePages:")), -1)
-import torch
-before = huge_kib()
-block = torch.ones(64 * 2**20 // 4)
-grown = huge_kib() - before if before >= 0 else -1
-print(os.environ["THP_MEM_ALLOC_ENABLE"], os.environ["LRU_CACHE_CAPACITY"], grown)
+def train(argv, callbacks, task, normalized):
+    import torch
+    before = huge_kib()
+    block = torch.ones(64 * 2**20 // 4)
+    grown = huge_kib() - before if before >= 0 else -1
+    names = ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY")
+    print(*(os.environ.get(name, "unset") for name in names), grown)
+run = types.ModuleType("llama_sft.training.run")
+run.INPUT_ERRORS, run.TrainingStopped, run.train = (), RuntimeError, train
+sys.modules["llama_sft.training.run"] = run
+from llama_sft.training.command_line import main
+main(sys.argv[1:])
 """
 
 
@@ -256,21 +264,41 @@ def thp_mode() -> str:
         return ""
 
 
-@pytest.mark.parametrize("preset", [None, "0"])
-def test_train_sets_allocation_options_before_torch_allocates(preset):
+@pytest.mark.parametrize(
+    "preset, flags", [(None, []), ("0", []), (None, ["--speedups", "off"]), (None, "yaml")]
+)
+def test_train_sets_allocation_options_before_torch_allocates(preset, flags, tmp_path):
     # A fresh interpreter: the options only count when set before PyTorch's first allocation.
     env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY")}
     if preset is not None:
         env["THP_MEM_ALLOC_ENABLE"] = preset  # a user's own setting wins
+    if flags == "yaml":  # speedups: off inside a --config file is the flag
+        (tmp_path / "run.yaml").write_text("speedups: 'off'\n")
+        flags = ["--config", str(tmp_path / "run.yaml")]
     result = subprocess.run(
-        [sys.executable, "-c", ALLOCATION_PROBE], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", ALLOCATION_PROBE, *flags], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     thp, lru, huge_kib = result.stdout.split()
-    assert (thp, lru) == (preset or "1", "64")
+    off = bool(flags)
+    assert (thp, lru) == ((preset or "1", "64") if not off else ("unset", "unset"))
     if thp_mode() == "madvise" and int(huge_kib) >= 0:
         # Only PyTorch's request puts the 64 MiB block (partly) in 2 MiB pages in this mode.
-        assert (int(huge_kib) >= 2048) == (preset is None)
+        assert (int(huge_kib) >= 2048) == (preset is None and not off)
+
+
+def test_importing_the_package_changes_no_environment_variable():
+    names = ("THP_MEM_ALLOC_ENABLE", "LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    script = (
+        "import os, llama_sft.speedups, llama_sft.training.run, llama_sft.training.command_line, llama_sft.cli; "
+        f"print(sorted(set({names!r}) & set(os.environ)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("return_freed, fp16", [(True, False), (True, True), (False, False)])

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 try:
-    from llama_sft.training.run import main
+    from llama_sft.training.command_line import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-    from llama_sft.training.run import main
+    from llama_sft.training.command_line import main
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

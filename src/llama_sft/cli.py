@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_config, parse_command
+
 
 def cmd_train(argv: list[str]) -> None:
-    from .training.run import main
+    from .training.command_line import main
 
     main(argv)
 
 
 def cmd_pretrain(argv: list[str]) -> None:
-    from .training.run import main
+    from .training.command_line import main
 
     main(argv, task="pt")
 
@@ -22,9 +24,13 @@ def cmd_demo(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="llama-sft demo", description="Train a tiny model on generated data."
     )
+    add_config(parser)
     parser.add_argument("--output_dir", default="demo_output", help="Where the demo writes everything.")
     parser.add_argument("--steps", type=int, default=400, help="Optimizer steps.")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    from .training.command_line import prepare_process
+
+    prepare_process([])  # the demo trains: set up the process as `llama-sft train` does
     from .tools.demo import run_demo
 
     result = run_demo(args.output_dir, args.steps)

@@ -238,13 +238,15 @@ def encode_cached(
     num_workers: int = 1,
     extra_key: str = "",
     train_on_turns: str = "all",
+    overwrite: bool = False,
 ) -> tuple[EncodedDataset, EncodeStats, bool]:
-    """Encode, or load the cached result. Returns (dataset, stats, came_from_cache)."""
+    """Encode, or load the cached result. Returns (dataset, stats, came_from_cache). ``overwrite``
+    (--overwrite_cache): encode even when the entry exists, and replace it."""
     path = None
     if cache_dir is not None:
         key = cache_key(files, template, tokenizer, max_seq_length, extra_key, train_on_turns)
         path = Path(cache_dir) / f"encoded-{key}.npz"
-        if path.is_file():
+        if path.is_file() and not overwrite:
             try:
                 with np.load(path) as z:
                     counts = dict(zip(EncodeStats.COUNTS, (int(v) for v in z["counts"]), strict=True))

@@ -12,6 +12,13 @@ the token stream to disk in batches, so memory stays flat whatever the corpus si
 memory-mapped ``BlockDataset`` keyed by the files' contents, the tokenizer and ``block_size``; a file
 lock on the entry lets only the first process of a node tokenize. Bad input raises ``DataError``
 naming the file (and line or byte offset) and the fix.
+
+``build_blocks(..., bad=BadRecords("skip"))`` leaves bad input out instead and counts it there
+(``records.BadRecords``): a bad line of a ``.jsonl`` file (invalid JSON, no ``"text"`` string, NUL)
+counts one and only that line is left out; a file that is not valid UTF-8 counts one and is left
+out whole, even when the bad byte comes late; a file with no text counts one. The caller then
+calls ``bad.check(stats.documents)``. A cached build keeps its counts, so they are the same from
+the cache.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from .records import DataError
+from .records import BadRecords, DataError, RecordError
 from .text import TextCleaning, UnencodableText
 from .tokenizer import TextTokenizer
 
@@ -87,34 +94,47 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise DataError(
+                    raise RecordError(
                         f"{path}: not valid UTF-8 at byte {offset + exc.start} (line {number}); "
-                        "re-save the file as UTF-8"
+                        "re-save the file as UTF-8",
+                        "unreadable file",
                     ) from None
                 offset += len(raw)
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def iter_documents(path: Path) -> Iterator[str]:
-    """The cleaned documents of one file, streamed. Raises DataError for a file with none."""
+def iter_documents(path: Path, bad: BadRecords | None = None) -> Iterator[str]:
+    """The cleaned documents of one file, streamed. A bad line, or a file with none, goes to ``bad``
+    (None: raises DataError). A file that is not UTF-8 raises ``RecordError`` part-way, for the
+    caller to drop what it already took of the file."""
+    bad = bad if bad is not None else BadRecords()
     cleaning = TextCleaning(str(path))
-    count = 0
+    count = skipped = 0
     for number, line in _lines(path):
         if not line.strip():
             continue
-        text = line.rstrip("\r\n")
-        if path.suffix == ".jsonl":
-            text = _jsonl_text(path, number, line)
         try:
-            text = cleaning.clean(text, f"line {number}")
-        except UnencodableText as exc:
-            raise DataError(f"{path}, line {number}: {exc}") from None
+            text = line.rstrip("\r\n")
+            if path.suffix == ".jsonl":
+                text = _jsonl_text(path, number, line)
+            try:
+                text = cleaning.clean(text, f"line {number}")
+            except UnencodableText as exc:
+                raise RecordError(f"{path}, line {number}: {exc}", "unencodable text") from None
+        except RecordError as exc:
+            bad.add(path, exc.reason, str(exc))
+            skipped += 1
+            continue
         if text.strip():
             count += 1
             yield text
-    if count == 0:
-        raise DataError(f"{path}: the file holds no text (empty or whitespace only); remove it or fill it")
+    if count == 0 and not skipped:
+        bad.add(
+            path,
+            "empty file",
+            f"{path}: the file holds no text (empty or whitespace only); remove it or fill it",
+        )
     if summary := cleaning.summary():
         logger.warning(summary)
 
@@ -123,18 +143,22 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     try:
         item = json.loads(line)
     except (json.JSONDecodeError, RecursionError):
-        raise DataError(f"{path}, line {number}: invalid JSON; fix or remove that line") from None
+        raise RecordError(
+            f"{path}, line {number}: invalid JSON; fix or remove that line", "invalid JSON"
+        ) from None
     except ValueError:
         # The JSON parsed, but Python converts no integer of more than 4300 digits (by default).
-        raise DataError(
+        raise RecordError(
             f"{path}, line {number}: holds a number of more than {sys.get_int_max_str_digits()} digits, "
-            "which no JSON reader here takes; fix or remove that line"
+            "which no JSON reader here takes; fix or remove that line",
+            "invalid JSON",
         ) from None
     text = item.get("text") if isinstance(item, dict) else None
     if not isinstance(text, str):
-        raise DataError(
+        raise RecordError(
             f'{path}, line {number}: no "text" string; pre-training JSON lines look like '
-            '{"text": "..."}: add the field or remove that line'
+            '{"text": "..."}: add the field or remove that line',
+            "no text field",
         )
     return text
 
@@ -192,6 +216,15 @@ class BlockDataset(torch.utils.data.Dataset):
             BlockDataset(self.tokens, self.block_size, mine[held]),
         )
 
+    def sample(self, count: int, seed: int) -> BlockDataset:
+        """The first ``count`` blocks of a shuffle by ``seed`` (--max_train_samples), kept in their order
+        in the text; all of them when there are no more."""
+        if count >= len(self):
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))
+        mine = self.blocks if self.blocks is not None else np.arange(len(self))
+        return BlockDataset(self.tokens, self.block_size, mine[np.sort(order[:count])])
+
     def lengths(self) -> list[int]:
         return [self.block_size] * len(self)
 
@@ -199,7 +232,9 @@ class BlockDataset(torch.utils.data.Dataset):
         return len(self) * self.block_size
 
 
-def cache_key(files: list[Path], tokenizer: TextTokenizer, block_size: int) -> str:
+def cache_key(
+    files: list[Path], tokenizer: TextTokenizer, block_size: int, on_bad_records: str = "stop"
+) -> str:
     digest = hashlib.sha256()
     for path in files:
         file_digest = hashlib.sha256()
@@ -216,6 +251,10 @@ def cache_key(files: list[Path], tokenizer: TextTokenizer, block_size: int) -> s
         "block_size": block_size,
         "version": PRETRAIN_VERSION,
     }
+    if on_bad_records != "stop":
+        # Blocks built skipping bad input must not be found by a run that stops on it. Stopping
+        # builds keep the key they always had, so their caches stay valid.
+        settings["on_bad_records"] = on_bad_records
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
@@ -227,20 +266,34 @@ def _encode(tokenizer: TextTokenizer, texts: list[str], num_workers: int) -> lis
 
 
 def _write_tokens(
-    out, files: list[Path], tokenizer: TextTokenizer, num_workers: int, stats: PretrainStats
+    out,
+    files: list[Path],
+    tokenizer: TextTokenizer,
+    num_workers: int,
+    stats: PretrainStats,
+    bad: BadRecords | None = None,
 ) -> None:
+    bad = bad if bad is not None else BadRecords()
     dtype = _dtype(tokenizer)
     progress = _Progress(files)
     for number, path in enumerate(files, start=1):
-        stats.files += 1
+        start, before = out.tell(), (stats.documents, stats.tokens)
         batch: list[str] = []
-        for text in iter_documents(path):
-            batch.append(text)
-            if len(batch) == _BATCH_DOCUMENTS:
-                _flush(out, tokenizer, batch, num_workers, stats, dtype)
-                batch = []
-                progress.tick(path, number, stats)
-        _flush(out, tokenizer, batch, num_workers, stats, dtype)
+        try:
+            for text in iter_documents(path, bad):
+                batch.append(text)
+                if len(batch) == _BATCH_DOCUMENTS:
+                    _flush(out, tokenizer, batch, num_workers, stats, dtype)
+                    batch = []
+                    progress.tick(path, number, stats)
+            _flush(out, tokenizer, batch, num_workers, stats, dtype)
+            stats.files += 1
+        except RecordError as exc:
+            # A file undecodable part-way is left out whole: its tokens written so far are cut off.
+            out.seek(start)
+            out.truncate()
+            stats.documents, stats.tokens = before
+            bad.add(path, exc.reason, str(exc))
         progress.file_done(path, number, stats)
 
 
@@ -301,18 +354,38 @@ def build_blocks(
     block_size: int,
     cache_dir: str | Path | None,
     num_workers: int = 1,
+    bad: BadRecords | None = None,
+    overwrite: bool = False,
 ) -> tuple[BlockDataset, PretrainStats, bool]:
     """Tokenize and block the files, or map the cached result. Returns (dataset, stats, came_from_cache).
+    ``overwrite`` (--overwrite_cache): tokenize even when the entry exists, and replace it.
 
     With a ``cache_dir``, processes of one node (sharing that folder) take a file lock on the entry:
     the first tokenizes, the others wait and map its result. With None the token stream goes to a
-    temporary file that is unlinked once mapped.
+    temporary file that is unlinked once mapped. ``bad`` (None: stop) decides what bad input does;
+    under ``skip`` this build's counts are added to it, whether tokenized now or taken from the cache.
     """
     check_block_size(block_size, None)
-    key = cache_key(files, tokenizer, block_size)
+    found = BadRecords(bad.policy if bad is not None else "stop")
+    result = _build(files, tokenizer, block_size, cache_dir, num_workers, found, overwrite)
+    if bad is not None:
+        bad.merge(found.to_dict())
+    return result
+
+
+def _build(
+    files: list[Path],
+    tokenizer: TextTokenizer,
+    block_size: int,
+    cache_dir: str | Path | None,
+    num_workers: int,
+    found: BadRecords,
+    overwrite: bool = False,
+) -> tuple[BlockDataset, PretrainStats, bool]:
+    key = cache_key(files, tokenizer, block_size, found.policy)
     if cache_dir is None:
         return (
-            *_tokenize(files, tokenizer, block_size, Path(tempfile.gettempdir()), None, num_workers),
+            *_tokenize(files, tokenizer, block_size, Path(tempfile.gettempdir()), None, num_workers, found),
             False,
         )
     folder = Path(cache_dir)
@@ -326,29 +399,34 @@ def build_blocks(
             "writable folder"
         ) from None
     try:
-        cached = _load_cached(folder / f"pretrain-{key}", block_size)
+        cached = None if overwrite else _load_cached(folder / f"pretrain-{key}", block_size, found)
         if cached is not None:
             return (*cached, True)
         return (
-            *_tokenize(files, tokenizer, block_size, folder, folder / f"pretrain-{key}", num_workers),
+            *_tokenize(files, tokenizer, block_size, folder, folder / f"pretrain-{key}", num_workers, found),
             False,
         )
     finally:
         lock.release()
 
 
-def _load_cached(stem: Path, block_size: int) -> tuple[BlockDataset, PretrainStats] | None:
+def _load_cached(stem: Path, block_size: int, found: BadRecords) -> tuple[BlockDataset, PretrainStats] | None:
+    """The cached blocks and stats, the bad input counted when they were built added to ``found``."""
     tokens_path, stats_path = stem.with_suffix(".tokens"), stem.with_suffix(".json")
     if not (tokens_path.is_file() and stats_path.is_file()):
         return None
     try:
         saved = json.loads(stats_path.read_text())
         dtype = np.dtype(saved.pop("dtype"))
+        # Read into a collector of its own first, so a damaged entry adds nothing to ``found``.
+        counted = BadRecords(found.policy)
+        counted.merge(saved.pop("bad_records", None) or {})
         stats = PretrainStats(**saved)
         tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
         if len(tokens) == stats.blocks * block_size:
+            found.merge(counted.to_dict())
             return BlockDataset(tokens, block_size), stats
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     logger.warning("ignoring unreadable pre-training cache %s; tokenizing again", tokens_path)
     return None
@@ -361,6 +439,7 @@ def _tokenize(
     folder: Path,
     stem: Path | None,
     num_workers: int,
+    found: BadRecords,
 ) -> tuple[BlockDataset, PretrainStats]:
     """Streams the token stream into a temporary file in ``folder``, renamed to ``stem.tokens`` when given."""
     dtype = _dtype(tokenizer)
@@ -373,11 +452,14 @@ def _tokenize(
     stats = PretrainStats(block_size=block_size)
     try:
         with os.fdopen(fd, "wb") as out:
-            _write_tokens(out, files, tokenizer, num_workers, stats)
+            _write_tokens(out, files, tokenizer, num_workers, stats, found)
             stats.blocks = stats.tokens // block_size
             stats.dropped_tokens = stats.tokens - stats.blocks * block_size
             # The partial last block is cut from the file itself, so the map holds whole blocks only.
             out.truncate(stats.blocks * block_size * np.dtype(dtype).itemsize)
+        if stats.documents == 0:
+            # Everything was skipped: say so rather than that the text is too short.
+            found.check(0)
         if stats.blocks == 0:
             raise DataError(
                 f"{files[0].parent}: the text holds {stats.tokens} tokens, fewer than one block of "
@@ -386,7 +468,7 @@ def _tokenize(
         tokens = np.memmap(tmp, dtype=dtype, mode="r")
         if stem is not None:
             os.replace(tmp, stem.with_suffix(".tokens"))
-            _write_stats(stem.with_suffix(".json"), stats, dtype)
+            _write_stats(stem.with_suffix(".json"), stats, dtype, found)
     finally:
         # Without a cache the mapped file is unlinked at once: its pages live until the map is closed.
         if os.path.exists(tmp):
@@ -399,8 +481,8 @@ def _dtype(tokenizer: TextTokenizer) -> type:
     return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def _write_stats(path: Path, stats: PretrainStats, dtype: type) -> None:
+def _write_stats(path: Path, stats: PretrainStats, dtype: type, found: BadRecords) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
     with os.fdopen(fd, "w") as out:
-        json.dump({**asdict(stats), "dtype": np.dtype(dtype).name}, out)
+        json.dump({**asdict(stats), "dtype": np.dtype(dtype).name, "bad_records": found.to_dict()}, out)
     os.replace(tmp, path)

@@ -17,6 +17,11 @@ one assistant turn; a last user turn without an answer trains nothing and is lef
 else raises ``DataError`` naming the file, the record index (and the turn index) and what to do,
 before any model is loaded. Text goes through ``text.clean_text`` (lone surrogates and control
 characters removed, with one warning per file; NUL refused).
+
+Bad records: ``load_records(path, bad)`` takes a ``BadRecords`` collector. Under its ``stop`` policy
+(the default, and what ``bad=None`` means) the first bad record raises the one-line ``DataError``;
+under ``skip`` each bad record is left out and counted by a short reason key (``REASONS``), and the
+caller ends with ``bad.check(kept)``, which stops when nothing is left or too much was bad.
 """
 
 from __future__ import annotations
@@ -35,6 +40,151 @@ DATA_SUFFIXES = (".json", ".jsonl")
 
 class DataError(ValueError):
     """Bad training data. The message names the file and record and says what to do."""
+
+
+class RecordError(DataError):
+    """One bad record, or a data file that cannot be read as records at all: what ``BadRecords``
+    counts. ``reason`` is one of ``REASONS``; the message is the one ``stop`` raises."""
+
+    def __init__(self, message: str, reason: str = "bad record"):
+        super().__init__(message)
+        self.reason = reason
+
+
+POLICIES = ("stop", "skip")
+# The reason keys, stable because data_stats.json and scripts reading it use them.
+REASONS = (
+    "unreadable file",  # not UTF-8, not JSON, or JSON but not a list of records: counted once
+    "empty file",  # a file with no records, or no text
+    "invalid JSON",  # one line of a JSON Lines file
+    "mixed formats",  # a record of another format than the file's
+    "not an object",  # a record or a turn that is not a JSON object
+    "duplicate key",
+    "missing field",  # instruction/output, or a turn's text, missing or null
+    "not a string",
+    "empty text",
+    "unencodable text",  # holds NUL (see text.clean_text)
+    "bad history",  # Alpaca 'history' not a list of [user, assistant] pairs
+    "no turns",  # 'conversations'/'messages' not a non-empty list
+    "unknown role",
+    "misplaced system turn",  # a system turn after the first, or besides a 'system' field
+    "opens with assistant turn",
+    "turns out of order",  # two user or two assistant turns in a row
+    "no assistant turn",
+    "no text field",  # a pre-training JSON line without a "text" string
+)
+
+
+class BadRecords:
+    """What loading does with bad records, and the count of those it left out.
+
+    ``policy`` ``stop``: ``add`` raises the record's one-line ``DataError``. ``skip``: ``add``
+    counts the record under its reason and keeps the first ``EXAMPLES`` messages of each reason.
+    What is counted, one each: a record of a file's list, a line of a JSON Lines file (pre-training:
+    a document's line), and a whole file that cannot be read as records (not UTF-8, not JSON, not a
+    list), whatever it held, since how many records it had is unknown. Files that cannot be opened
+    at all (missing, no permission) still stop: they are a setup problem, not bad data.
+    """
+
+    EXAMPLES = 3
+
+    def __init__(self, policy: str = "stop", max_fraction: float = 0.5):
+        if policy not in POLICIES:
+            raise DataError(f"--on_bad_records {policy!r}: use one of {', '.join(POLICIES)}")
+        if not 0 <= max_fraction <= 1:
+            raise DataError(f"--max_bad_fraction {max_fraction}: give a fraction from 0 to 1, such as 0.1")
+        self.policy, self.max_fraction = policy, max_fraction
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self.files: list[str] = []
+        # Records left after loading, as the last ``check`` was told; None before it.
+        self.kept: int | None = None
+
+    @property
+    def skipping(self) -> bool:
+        return self.policy == "skip"
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, file: str | Path, reason: str, message: str) -> None:
+        """One bad record (or unreadable file) of ``file``: raises under ``stop``, counts under ``skip``."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown bad-record reason {reason!r}")
+        if not self.skipping:
+            raise DataError(message) from None
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.EXAMPLES:
+            shown.append(message)
+        if str(file) not in self.files:
+            self.files.append(str(file))
+
+    def merge(self, saved: dict) -> None:
+        """Adds the counts of another collector's ``to_dict`` (a cached build's, say)."""
+        for reason, count in saved.get("by_reason", {}).items():
+            self.counts[reason] = self.counts.get(reason, 0) + count
+        for reason, messages in saved.get("examples", {}).items():
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(messages[: self.EXAMPLES - len(shown)])
+        self.files.extend(f for f in saved.get("files", []) if f not in self.files)
+
+    def check(self, kept: int) -> None:
+        """After loading, with ``kept`` records left: raises when none is left after skipping, or
+        when more than ``max_fraction`` of all counted records were bad."""
+        self.kept = kept
+        bad = self.total
+        if not bad:
+            return
+        seen = bad + kept
+        if kept and bad / seen <= self.max_fraction:
+            return
+        files = ", ".join(self.files[:3]) + (
+            f" and {len(self.files) - 3} more" if len(self.files) > 3 else ""
+        )
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self._by_count())
+        first = self.examples[self._by_count()[0][0]][0]
+        if not kept:
+            raise DataError(
+                f"{files}: all {bad} records are bad ({reasons}), so none is left to train on; fix the "
+                f"records, the first being: {first}"
+            )
+        raise DataError(
+            f"{files}: {bad} of {seen} records are bad ({bad / seen:.1%}: {reasons}), more than "
+            f"--max_bad_fraction {self.max_fraction}; fix the records or raise --max_bad_fraction. "
+            f"The first: {first}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "on_bad_records": self.policy,
+            "max_bad_fraction": self.max_fraction,
+            "bad": self.total,
+            "kept": self.kept,
+            "by_reason": dict(self._by_count()),
+            "examples": {reason: list(self.examples[reason]) for reason, _ in self._by_count()},
+            "files": list(self.files),
+        }
+
+    def report_lines(self) -> list[str]:
+        """For the log: a head line, then each reason's count and examples. Empty when nothing was bad."""
+        bad = self.total
+        if not bad:
+            return []
+        seen = (
+            f" of {bad + self.kept} ({bad / (bad + self.kept):.1%}), kept {self.kept}"
+            if self.kept is not None
+            else ""
+        )
+        lines = [f"--on_bad_records skip: skipped {bad} bad records{seen}:"]
+        for reason, count in self._by_count():
+            lines.append(f"  {count} {reason}, such as:")
+            lines += [f"    {message}" for message in self.examples[reason]]
+        return lines
+
+    def _by_count(self) -> list[tuple[str, int]]:
+        return sorted(self.counts.items(), key=lambda pair: -pair[1])
 
 
 @dataclass(frozen=True)
@@ -138,12 +288,17 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: not valid UTF-8 at byte {exc.start} (line {line}); re-save the file as UTF-8"
+        raise RecordError(
+            f"{path}: not valid UTF-8 at byte {exc.start} (line {line}); re-save the file as UTF-8",
+            "unreadable file",
         ) from None
 
 
-def _parse_lines(path: Path, text: str) -> list[object]:
+# Stands for a JSON line that was skipped, so later records keep the index the file gives them.
+_SKIPPED = object()
+
+
+def _parse_lines(path: Path, text: str, bad: BadRecords) -> list[object]:
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -151,54 +306,103 @@ def _parse_lines(path: Path, text: str) -> list[object]:
         try:
             items.append(_parse(line))
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}, line {number}: invalid JSON ({exc.msg}); fix or remove that line"
-            ) from None
+            bad.add(
+                path,
+                "invalid JSON",
+                f"{path}, line {number}: invalid JSON ({exc.msg}); fix or remove that line",
+            )
+            items.append(_SKIPPED)
     return items
 
 
-def load_records(path: str | Path) -> list[Record]:
-    path = Path(path)
+def _read_items(path: Path, bad: BadRecords) -> list[object]:
+    """The file's records as parsed JSON. Raises ``RecordError`` for a file that holds no list of records."""
     text = _read_text(path)
     if path.suffix == ".jsonl":
-        items = _parse_lines(path, text)
-    else:
-        try:
-            items = _parse(text)
-        except json.JSONDecodeError as exc:
-            if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-                # A JSON Lines file saved as .json: every line an object is unambiguous, so read it.
-                items = _parse_lines(path, text)
-            else:
-                raise DataError(
-                    f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
-                    "the file must be one JSON list of records"
-                ) from None
-        if isinstance(items, dict):
-            raise DataError(
-                f"{path}: the file holds one JSON object; Alpaca data is a JSON list of records: "
-                '[{"instruction": ..., "input": ..., "output": ...}, ...]'
-            )
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a JSON list of records, found {type(items).__name__}")
+        return _parse_lines(path, text, bad)
+    try:
+        items = _parse(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            # A JSON Lines file saved as .json: every line an object is unambiguous, so read it.
+            return _parse_lines(path, text, bad)
+        raise RecordError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
+            "the file must be one JSON list of records",
+            "unreadable file",
+        ) from None
+    if isinstance(items, dict):
+        raise RecordError(
+            f"{path}: the file holds one JSON object; Alpaca data is a JSON list of records: "
+            '[{"instruction": ..., "input": ..., "output": ...}, ...]',
+            "unreadable file",
+        )
+    if not isinstance(items, list):
+        raise RecordError(
+            f"{path}: expected a JSON list of records, found {type(items).__name__}", "unreadable file"
+        )
+    return items
+
+
+def _file_format(items: list[object], skipping: bool) -> tuple[str, int]:
+    """The file's format and the index of the record that sets it. Stopping, that is record 0;
+    skipping, the format most objects have, so one damaged record cannot condemn all the others."""
+    if not skipping or not items:
+        return (record_format(items[0]) if items else "alpaca"), 0
+    votes: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        if isinstance(item, dict):
+            votes.setdefault(record_format(item), []).append(index)
+    if not votes:
+        first = next((i for i, item in enumerate(items) if item is not _SKIPPED), 0)
+        return "alpaca", first
+    kind = max(votes, key=lambda name: (len(votes[name]), -votes[name][0]))
+    return kind, votes[kind][0]
+
+
+def load_records(path: str | Path, bad: BadRecords | None = None) -> list[Record]:
+    """The records of one data file. ``bad`` (None: stop at the first) decides what a bad record
+    does; under ``skip`` the file's bad records are counted there and left out."""
+    return [record for _, record in load_numbered(path, bad)]
+
+
+def load_numbered(path: str | Path, bad: BadRecords | None = None) -> list[tuple[int, Record]]:
+    """As ``load_records``, each record with its index in the file (skipped records keep theirs)."""
+    path = Path(path)
+    bad = bad if bad is not None else BadRecords()
+    try:
+        items = _read_items(path, bad)
+    except RecordError as exc:
+        bad.add(path, exc.reason, str(exc))
+        return []
+    if not items:
+        bad.add(path, "empty file", f"{path}: the file holds no records")
+        return []
     cleaning = TextCleaning(str(path))
-    kind = record_format(items[0]) if items else "alpaca"
+    kind, first = _file_format(items, bad.skipping)
     records, unanswered = [], 0
     for index, item in enumerate(items):
-        this = record_format(item)
-        if this != kind:
-            raise DataError(
-                f"{path}, record {index}: the record is {FORMAT_NAMES[this]} but record 0 is "
-                f"{FORMAT_NAMES[kind]}; keep one format per file (split the file)"
-            )
-        if kind == "alpaca":
-            records.append(_to_record(item, path, index, cleaning))
+        if item is _SKIPPED:
             continue
-        system, messages = read_messages(item, kind, f"{path}, record {index}", cleaning, index)
-        records.append(conversation_record(system, messages, f"{path}, record {index}"))
-        unanswered += records[-1].unanswered
-    if not records:
-        raise DataError(f"{path}: the file holds no records")
+        where = f"{path}, record {index}"
+        try:
+            this = record_format(item)
+            if this != kind:
+                raise RecordError(
+                    f"{where}: the record is {FORMAT_NAMES[this]} but record {first} is "
+                    f"{FORMAT_NAMES[kind]}; keep one format per file (split the file)",
+                    "mixed formats",
+                )
+            if kind == "alpaca":
+                record = _to_record(item, path, index, cleaning)
+            else:
+                system, messages = read_messages(item, kind, where, cleaning, index)
+                record = conversation_record(system, messages, where)
+        except RecordError as exc:
+            bad.add(path, exc.reason, str(exc))
+            continue
+        records.append((index, record))
+        unanswered += record.unanswered
     if cleaning.summary():
         logger.warning(cleaning.summary())
     if unanswered:
@@ -217,8 +421,9 @@ def read_messages(
     _check_object(item, where, f"an object with {key!r}")
     turns = item[key]
     if not isinstance(turns, list) or not turns:
-        raise DataError(
-            f"{where}: {key!r} must be a non-empty list of {{{role_key!r}: ..., {text_key!r}: ...}} objects"
+        raise RecordError(
+            f"{where}: {key!r} must be a non-empty list of {{{role_key!r}: ..., {text_key!r}: ...}} objects",
+            "no turns",
         )
     system = None
     if kind == "sharegpt" and item.get("system") is not None:
@@ -230,31 +435,40 @@ def read_messages(
         name = turn.get(role_key)
         role = ROLES[kind].get(name) if isinstance(name, str) else None
         if role is None:
-            raise DataError(
-                f"{at}: unknown {role_key!r} {str(name)[:40]!r}; use one of {', '.join(ROLES[kind])}"
+            raise RecordError(
+                f"{at}: unknown {role_key!r} {str(name)[:40]!r}; use one of {', '.join(ROLES[kind])}",
+                "unknown role",
             )
         text = _text(turn.get(text_key), f"{at}: {text_key!r}", cleaning, index, missing=text_key not in turn)
         if role == "system":
             if number != 0:
-                raise DataError(
-                    f"{at}: a system turn after the first turn; only the first turn may be the system prompt"
+                raise RecordError(
+                    f"{at}: a system turn after the first turn; only the first turn may be the system prompt",
+                    "misplaced system turn",
                 )
             if system is not None:
-                raise DataError(f"{at}: a system turn and a 'system' field both; keep one")
+                raise RecordError(
+                    f"{at}: a system turn and a 'system' field both; keep one", "misplaced system turn"
+                )
             system = text
             continue
         expected = "user" if not messages or messages[-1][0] == "assistant" else "assistant"
         if role != expected:
             if not messages:
                 problem = "the conversation opens with an assistant turn; it must open with a user turn"
+                reason = "opens with assistant turn"
             else:
                 problem = (
                     f"two {role} turns running (turns {number - 1} and {number}); merge them or fix the roles"
                 )
-            raise DataError(f"{at}: {problem}")
+                reason = "turns out of order"
+            raise RecordError(f"{at}: {problem}", reason)
         messages.append((role, text))
     if not messages:
-        raise DataError(f"{where}: the conversation holds only a system turn; add user and assistant turns")
+        raise RecordError(
+            f"{where}: the conversation holds only a system turn; add user and assistant turns",
+            "no assistant turn",
+        )
     return system, messages
 
 
@@ -263,8 +477,9 @@ def conversation_record(system: str | None, messages: list[tuple[str, str]], whe
     if unanswered:
         messages = messages[:-1]
     if not messages:
-        raise DataError(
-            f"{where}: the conversation has no assistant turn, so nothing to train on; add the answer"
+        raise RecordError(
+            f"{where}: the conversation has no assistant turn, so nothing to train on; add the answer",
+            "no assistant turn",
         )
     texts = [text for _, text in messages]
     history = tuple(zip(texts[0:-2:2], texts[1:-2:2], strict=True))
@@ -273,11 +488,12 @@ def conversation_record(system: str | None, messages: list[tuple[str, str]], whe
 
 def _check_object(item: object, where: str, expected: str) -> None:
     if not isinstance(item, dict):
-        raise DataError(f"{where}: expected {expected}, found {type(item).__name__}")
+        raise RecordError(f"{where}: expected {expected}, found {type(item).__name__}", "not an object")
     if isinstance(item, _Object) and item.duplicated:
-        raise DataError(
+        raise RecordError(
             f"{where}: key {item.duplicated[0]!r} appears twice; JSON readers disagree on which value wins, "
-            "so remove one"
+            "so remove one",
+            "duplicate key",
         )
 
 
@@ -285,27 +501,20 @@ def _text(value: object, where: str, cleaning: TextCleaning, index: int, missing
     """One text of a conversation: a non-empty string, cleaned by the policy of ``text``."""
     if not isinstance(value, str):
         found = "missing" if missing else f"a {type(value).__name__}" if value is not None else "null"
-        raise DataError(f"{where} must be a string, found {found}")
+        reason = "not a string" if found.startswith("a ") else "missing field"
+        raise RecordError(f"{where} must be a string, found {found}", reason)
     try:
         text = cleaning.clean(value, f"record {index}")
     except UnencodableText as exc:
-        raise DataError(f"{where} {exc}") from None
+        raise RecordError(f"{where} {exc}", "unencodable text") from None
     if not text.strip():
-        raise DataError(f"{where} is empty; give it text or remove the turn")
+        raise RecordError(f"{where} is empty; give it text or remove the turn", "empty text")
     return text
 
 
 def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> Record:
     where = f"{path}, record {index}"
-    if not isinstance(item, dict):
-        raise DataError(
-            f"{where}: expected an object with instruction/input/output, found {type(item).__name__}"
-        )
-    if isinstance(item, _Object) and item.duplicated:
-        raise DataError(
-            f"{where}: key {item.duplicated[0]!r} appears twice; JSON readers disagree on which value wins, "
-            "so remove one"
-        )
+    _check_object(item, where, "an object with instruction/input/output")
     values = {}
     for key in ("instruction", "input", "output"):
         value = item.get(key)
@@ -313,15 +522,21 @@ def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> 
             value = ""
         if value is None:
             problem = f"{key!r} is null" if key in item else f"missing {key!r}"
-            raise DataError(f"{where}: {problem}; every record needs 'instruction' and 'output' strings")
+            raise RecordError(
+                f"{where}: {problem}; every record needs 'instruction' and 'output' strings", "missing field"
+            )
         if not isinstance(value, str):
-            raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
+            raise RecordError(
+                f"{where}: {key!r} must be a string, found {type(value).__name__}", "not a string"
+            )
         try:
             values[key] = cleaning.clean(value, f"record {index}")
         except UnencodableText as exc:
-            raise DataError(f"{where}: {key!r} {exc}") from None
+            raise RecordError(f"{where}: {key!r} {exc}", "unencodable text") from None
     if not values["instruction"].strip() and not values["input"].strip():
-        raise DataError(f"{where}: 'instruction' and 'input' are both empty; give the record an instruction")
+        raise RecordError(
+            f"{where}: 'instruction' and 'input' are both empty; give the record an instruction", "empty text"
+        )
     system = None
     if item.get("system") is not None:
         system = _text(item["system"], f"{where}: 'system'", cleaning, index)
@@ -329,13 +544,16 @@ def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> 
     pairs = []
     if history is not None:
         if not isinstance(history, list):
-            raise DataError(
-                f"{where}: 'history' must be a list of [user, assistant] pairs, found {type(history).__name__}"
+            raise RecordError(
+                f"{where}: 'history' must be a list of [user, assistant] pairs, found {type(history).__name__}",
+                "bad history",
             )
         for number, pair in enumerate(history):
             at = f"{where}, history turn {number}"
             if not isinstance(pair, list) or len(pair) != 2:
-                raise DataError(f"{at}: expected a [user, assistant] pair of strings, found {_shape(pair)}")
+                raise RecordError(
+                    f"{at}: expected a [user, assistant] pair of strings, found {_shape(pair)}", "bad history"
+                )
             pairs.append(
                 tuple(
                     _text(text, f"{at}: the {side} text", cleaning, index)
@@ -349,5 +567,5 @@ def _shape(value: object) -> str:
     return f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
 
 
-def load_dataset_dir(dataset_dir: str | Path) -> list[Record]:
-    return [record for path in find_data_files(dataset_dir) for record in load_records(path)]
+def load_dataset_dir(dataset_dir: str | Path, bad: BadRecords | None = None) -> list[Record]:
+    return [record for path in find_data_files(dataset_dir) for record in load_records(path, bad)]

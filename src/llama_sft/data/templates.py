@@ -108,6 +108,10 @@ class Template:
             raise TemplateError(f"template {self.name!r} has no multi-turn format")
         return self.followup_prompt.replace("{instruction}", instruction)
 
+    def with_system_prompt(self, system_prompt: str) -> Template:
+        """This template with its default system prompt replaced (``--system_prompt``)."""
+        return Template(**{**self.to_dict(), "system_prompt": system_prompt})
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,31 +1,26 @@
 """Everything that only makes training faster or smaller, behind one entry point: ``apply``.
 
-Contract: ``apply(args, build_model)`` builds the model with ``build_model()`` and returns an
+Contract: ``prepare_process(skipped)`` sets the process environment of ``environment.py``; the
+training command-line entry calls it before PyTorch allocates (a run started from Python sets
+nothing, and the report says so). ``apply(args, build_model)`` builds the model with ``build_model()`` and returns an
 ``Applied``: the model, the trainer's loss component and autocast (None: transformers' own), the
 callbacks to add, and a report naming every speed-up applied and every one skipped with the
 reason, which it also logs as one block. ``--speedups off`` applies none: stock transformers and
 PEFT modules, attention and loss (packing is its own flag), the same losses and gradients within
 float32 rounding. ``--skip_speedups NAME,...`` leaves out single ones (``NAMES``); a combination
-that cannot work raises ``ArgumentError``. A run without this package (its call replaced by
-``build_model()``) is the same training, slower.
-
-Importing the package sets the process environment of ``environment.py``, so the training module
-imports it before PyTorch.
+that cannot work raises ``ArgumentError``. ``args`` is the training run's parsed arguments
+(``TrainArgs``); this package reads them and changes none. A run without this package (its calls
+removed, ``build_model()`` in place of ``apply``) is the same training, slower.
 """
 
-# isort: off
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..options import ArgumentError
 from . import environment
-
-environment.set_defaults()
-# isort: on
-
-import logging  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-
-from ..training.args import ArgumentError, TrainArgs  # noqa: E402
 
 logger = logging.getLogger("llama_sft")
 
@@ -65,7 +60,14 @@ class Applied:
         logger.info("speed-ups:\n%s", "\n".join(lines))
 
 
-def chosen(args: TrainArgs) -> set[str]:
+def prepare_process(skipped: set[str]) -> None:
+    """Set the environment variables PyTorch reads at its first allocation, unless ``skipped``
+    names ``cpu_environment`` or is ``{"*"}`` (``--speedups off``)."""
+    if not {"*", "cpu_environment"} & skipped:
+        environment.set_defaults()
+
+
+def chosen(args) -> set[str]:
     """The speed-ups asked for: every one under ``auto`` less ``--skip_speedups``, none under off."""
     training = args.training
     skipped = [name.strip() for name in (training.skip_speedups or "").split(",") if name.strip()]
@@ -85,7 +87,7 @@ def chosen(args: TrainArgs) -> set[str]:
     return wanted
 
 
-def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applied:
+def apply(args, build_model: Callable[[], torch.nn.Module]) -> Applied:
     wanted = chosen(args)
     training = args.training
     device = training.device
@@ -108,8 +110,9 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
 
     # Before the model exists: what changes how it is built or what PyTorch does.
     if decide("no_cudnn_attention", device.type == "cuda", "not on a CUDA GPU"):
-        # With records of new lengths every step, cuDNN's attention made training 5.8x slower on
-        # an H200; flash and memory-efficient attention take any length as it comes.
+        # cuDNN's attention builds an execution graph for every new sequence length, and records
+        # bring new lengths every step; flash and memory-efficient attention take any length as it
+        # comes (docs/performance.md, The speed-ups: `no_cudnn_attention`).
         torch.backends.cuda.enable_cudnn_sdp(False)
     from . import cpu_kernels
 
@@ -122,13 +125,12 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
         cpu_kernels.set_enabled(False)
     decide("cpu_kernels", kernels, "not on a CPU" if not on_cpu else "no C compiler or the build failed")
     bf16 = training.bf16 and not training.deepspeed
-    if decide(
+    # The trainer then enters this autocast in place of accelerate's (trainer.SftTrainer).
+    decide(
         "own_autocast",
         bf16,
         "DeepSpeed runs the mixed precision" if training.bf16 else "not training in bfloat16",
-    ):
-        # accelerate's autocast is set from these at the Trainer's start; ours replaces it.
-        training.bf16, training.mixed_precision = False, "no"
+    )
     autocast_dtype = torch.bfloat16 if bf16 and "own_autocast" in wanted else None
 
     model = build_model()
@@ -218,7 +220,7 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
         "DeepSpeed or FSDP owns the weights" if sharded else "no modules_to_save copies",
     ):
         callbacks.append(DropReplacedBaseWeights())
-    trim = ReturnFreedMemory(under_bf16_autocast=training.bf16 or autocast_dtype is not None)
+    trim = ReturnFreedMemory(under_bf16_autocast=training.bf16)
     if decide(
         "heap_trim",
         on_cpu and training.return_freed_memory and trim.trim is not None,
@@ -228,13 +230,7 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
     ):
         callbacks.append(trim)
     autocast = OwnAutocast(model, device.type, autocast_dtype) if autocast_dtype is not None else None
-    dtype = (
-        "bfloat16"
-        if autocast_dtype is not None or training.bf16
-        else "float16"
-        if training.fp16
-        else "float32"
-    )
+    dtype = "bfloat16" if training.bf16 else "float16" if training.fp16 else "float32"
     applied = Applied(model, loss, autocast, callbacks, report, dtype)
     applied.log()
     return applied
@@ -243,6 +239,7 @@ def apply(args: TrainArgs, build_model: Callable[[], torch.nn.Module]) -> Applie
 def _environment_why_not(on_cpu: bool) -> str:
     if not on_cpu:
         return "not on a CPU"
-    if environment.switched_off(__import__("sys").argv[1:]):
-        return "--speedups off on the command line"
+    if environment.applied is None:
+        names = " ".join(f"{k}={v}" for k, v in environment.DEFAULTS.items())
+        return f"set only by the command-line entry, before PyTorch starts (from Python, export {names})"
     return "every variable already set by the user"

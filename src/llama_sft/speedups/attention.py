@@ -85,8 +85,9 @@ def packed_sdpa_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-# PackedCausalAttention beats one sdpa call per record up to records of about 700 tokens; past
-# that PyTorch's flash kernel's blocking pays, so a row with a longer record goes to sdpa.
+# PackedCausalAttention beats one sdpa call per record up to a record length; past it PyTorch's
+# flash kernel's blocking pays, so a row with a longer record goes to sdpa (docs/performance.md,
+# The speed-ups: `packed_attention`).
 CPU_KERNEL_MAX_LEN = 640
 
 
@@ -95,9 +96,9 @@ class PackedCausalAttention(torch.autograd.Function):
     (1, n, heads, head_dim) output from (1, heads, n, head_dim) queries and (1, kv_heads, n,
     head_dim) keys and values. Keeps the inputs, the output and one float per row and head.
 
-    Why: PyTorch's math and flash kernels take 15-45 GFLOP/s on a record (8 heads of 64, bfloat16,
-    2 cores), with a dozen ops and new tensors each; one call for the row runs at 70-75. Forward and
-    backward of 8 records of 55-341 tokens: 11.5-14.3 ms against 22.8-31.5 ms, per layer."""
+    Why: PyTorch's math and flash kernels run a short record's attention with a dozen ops and new
+    tensors each, far below the machine's arithmetic rate; one call for the whole row avoids them
+    (docs/performance.md, The speed-ups: `packed_attention`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, starts: torch.Tensor, scale: float):
@@ -135,9 +136,9 @@ def forward_record_starts(position_ids: torch.Tensor) -> list[int]:
 
 
 # On a GPU a training step is bound by kernel launches, so a row attends in one masked sdpa call
-# (on an H200: 115 against 137 ms a step for one call per record). The masked call computes the
-# whole (n, n) product: past this length the arithmetic it wastes (an estimate) outgrows the
-# launches it saves.
+# rather than one call per record (docs/performance.md, What does not hold, and why). The masked
+# call computes the whole (n, n) product: past this length the arithmetic it wastes (an estimate)
+# outgrows the launches it saves.
 GPU_ROW_AT_ONCE_MAX_LEN = 2048
 
 
@@ -169,8 +170,7 @@ def forward_block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) ->
 
 
 # On a CPU, PyTorch's math kernel runs forward and backward faster than its flash kernel for short
-# records and slower for long ones (bfloat16, 8 heads of 64, 2 cores: 16 vs 25 ms for 16 records of
-# 64 tokens, 69 vs 42 ms for 3 of 512).
+# records and slower for long ones (docs/performance.md, The speed-ups: `packed_attention`).
 CPU_MATH_MAX_LEN = 256
 
 

@@ -228,12 +228,13 @@ SWIGLU(swiglu_bf16, swiglu_backward_bf16, uint16_t, bf16_to_float, float_to_bf16
    dS = P * (dO . V^T - rowsum(dO * O)), dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO, the key
    and value gradients summed over the heads of their group in the task's own float32 buffers.
 
-   Why: PyTorch's math and flash kernels run the forward and backward of one record (8 heads of 64,
-   50-350 tokens, bfloat16) at 15-45 GFLOP/s on 2 cores, with a dozen ops and new tensors per
-   record; this runs them at 70-75 (8 records of 55-341 tokens). */
+   Why: PyTorch's math and flash kernels run the forward and backward of one short record with a
+   dozen ops and new tensors per record, far below the machine's arithmetic rate; this runs the
+   whole row in one call (docs/performance.md, The speed-ups: `packed_attention`). */
 #define RB 8  /* query rows per block */
 /* Floats per vector tile: one register's worth. Wider than the registers, GCC keeps the
-   accumulators on the stack (AVX2: forward and backward ran 2x slower than PyTorch's sdpa). */
+   accumulators on the stack, and on AVX2 the kernel fell behind PyTorch's sdpa
+   (docs/performance.md, The speed-ups: `cpu_kernels`). */
 #ifdef __AVX512F__
 #define JT 16
 #else
@@ -442,7 +443,8 @@ void causal_attention_backward(const void *grad, const void *q, const void *k, c
    out (n, heads, D) contiguous.
 
    Why: PyTorch runs it as two products, a negation, a concatenation and a sum per tensor forward,
-   and zero-filled slices and sums backward, each a new tensor: about 6% of a training step. */
+   and zero-filled slices and sums backward, each a new tensor: a noticeable share of a training
+   step (docs/performance.md, The speed-ups: `rotary_kernel`). */
 #define ROPE(NAME, T, LOAD, STORE)                                                                    \
     void NAME(const T *x, int64_t x_row, int64_t x_head, const T *cos, const T *sin, T *out,         \
               int64_t n, int64_t heads, int64_t D, int backward, int threads) {                       \

@@ -30,9 +30,11 @@ plain PyTorch path for None, so the kernels only change speed, never whether tra
 All take float32 or bfloat16 CPU tensors (``supports``) and use torch's thread count.
 
 Why: PyTorch runs LoRA dropout as four passes over each input (random bits, comparison, select,
-scale) plus two in the backward and keeps a boolean mask, ~4 ns an element on a 2-core Xeon, and
-LoRA on seven projections drops ~35,000 elements a token; the kernel takes 0.6-1 ns. The
-cross-entropy of 1,000 x 55,296 bfloat16 logits: 30 ms against 160 ms in chunks of PyTorch ops.
+scale) plus two in the backward and keeps a boolean mask, and LoRA on seven projections drops
+~35,000 elements a token; the kernel does it in one pass each way and keeps only a seed. The
+cross-entropy in chunks of PyTorch ops makes new tensors per chunk; the kernel takes one row of
+logits at a time while it is in cache (docs/performance.md, The speed-ups: `bits_dropout` and
+`labelled_logits`).
 
 The library is built once per source, compiler and CPU (``-march=native``) into
 ``~/.cache/llama_sft/kernels`` (``LLAMA_SFT_KERNEL_DIR`` moves it), under a temporary name and

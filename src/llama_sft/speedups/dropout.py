@@ -8,10 +8,11 @@ torch's default generator, so ``set_seed`` and the Trainer's saved RNG states ma
 resumed runs repeat exactly (on one machine: the bits come from the fused kernel of
 ``cpu_kernels`` where it can be built, else from NumPy's SFC64, two different streams).
 
-Why: PyTorch's CPU dropout draws its mask with a Mersenne twister at ~7 ns per element. With LoRA
-on the seven projections of every layer that is 35,000 draws per token, about 15% of a training
-step of a small model. NumPy's SFC64 bits and torch's select and scale take ~4 ns an element
-(forward and backward) and keep a boolean mask; the fused kernel 0.6-1 ns, and keeps only the seed.
+Why: PyTorch's CPU dropout draws its mask with a Mersenne twister, element by element. With LoRA
+on the seven projections of every layer that is 35,000 draws per token, a large share of a training
+step of a small model. NumPy's SFC64 bits with torch's select and scale are cheaper but keep a
+boolean mask; the fused kernel is cheaper still, and keeps only the seed (docs/performance.md, The
+speed-ups: `bits_dropout`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ outputs): the same loss as transformers' ``ForCausalLMLoss`` before its division
 less work and memory:
 
 1. the vocabulary projection (``lm_head``) runs only at positions whose next label is not -100;
-   with a 55,296-row vocabulary that projection is about half the FLOPs of a small model, and
-   prompts are a third of the tokens (speed-up ``labelled_logits``);
+   with a 55,296-row vocabulary that projection is most of a small model's FLOPs, and prompts a
+   large share of the tokens (speed-up ``labelled_logits``, whose figures are in
+   docs/performance.md, The speed-ups);
 2. with a ``head`` (``fused_head``), the projection, the cross-entropy and their gradients are
    computed together in the forward (``LabelledHeadCrossEntropy``): the logits become their own
    gradient in place, row by row in their dtype (with ``cpu_kernels``' fused kernel on a CPU, else
@@ -23,19 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from ..data.encode import IGNORE_INDEX
-from ..training.model import serving_module
+from ..peft_modules import serving_module
 from . import cpu_kernels
 from .kept_memory import HeadMemory
 
 # Rows of logits turned into gradient at a time on a CPU: 16 x 55,296 float32 values stay near the
-# L2 cache (25% faster than 128 rows). On a GPU the cost is in kernel launches, not cache misses:
-# chunks of up to 2**26 float32 values make one chunk of a step's labelled rows.
+# L2 cache, where 128 rows do not (docs/performance.md, The speed-ups: `labelled_logits`). On a
+# GPU the cost is in kernel launches, not cache misses: chunks of up to 2**26 float32 values make
+# one chunk of a step's labelled rows.
 CE_CHUNK_ROWS = 16
 GPU_CE_CHUNK_VALUES = 2**26
 # Rows of logits made at a time by the fused output projection when its products are in the
 # weight's dtype (float32): 512 x 55,296 float32 logits are the size of the trained embedding's
-# gradient, which shares their kept memory; all of a step's labelled rows at once raised peak RSS
-# by 150-170 MiB, for products 5% faster than in blocks of 512.
+# gradient, which shares their kept memory; all of a step's labelled rows at once made the products
+# a little faster but raised peak RSS (docs/performance.md, The speed-ups: `fused_head`).
 HEAD_BLOCK_ROWS = 512
 # Rows of logits made at a time when only the loss is wanted (evaluation): 1,024 x 55,296 bfloat16
 # logits are 108 MiB, whatever the size of the evaluation batch.
@@ -251,11 +253,11 @@ class ComputeDtypeCopy:
     """A weight cast to the compute dtype into one buffer kept from step to step.
 
     Autocast makes its cast of a float32 weight in a new tensor every step; for a 55,296 x 512
-    ``lm_head`` that is 56 MB of fresh memory whose pages fault in: 49 ms a step on the 2-core CPU
-    of the benchmark, 10 ms into a buffer already in memory. ``LabelledHeadCrossEntropy`` then
-    reuses the buffer for the weight's gradient product (another 56 MB it no longer allocates), so
-    each call copies the weight again. The buffer stays between steps: whole benchmark runs were
-    ~7% faster for ~60 MiB more peak RSS.
+    ``lm_head`` that is 56 MB of fresh memory whose pages fault in, far slower than a copy into a
+    buffer already in memory. ``LabelledHeadCrossEntropy`` then reuses the buffer for the
+    weight's gradient product (another 56 MB it no longer allocates), so each call copies the
+    weight again. The buffer stays between steps, which makes whole runs faster for a little more
+    peak RSS (docs/performance.md, The speed-ups: `kept_memory`).
     """
 
     def __init__(self):
@@ -277,9 +279,9 @@ class HeadSkippingEmptyInput(torch.nn.Linear):
     positions (``labelled_loss_sum``), and that empty product runs outside autocast.
 
     Why: autocast casts the whole weight to the compute dtype even for an empty product, in a new
-    tensor: for the benchmark's 55,296 x 512 ``lm_head``, 50 ms a step on a 2-core CPU. The
-    empty product itself costs nothing, and keeps the weight in the graph of the model's outputs,
-    where DDP looks for the parameters a step does not use.
+    tensor, every step (docs/performance.md, The speed-ups: `fused_head`). The empty product
+    itself costs nothing, and keeps the weight in the graph of the model's outputs, where DDP
+    looks for the parameters a step does not use.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -187,8 +187,8 @@ class FusedRotaryLlamaAttention(LlamaAttention):
     that one (``LLAMA_ATTENTION_FORWARD_SHA256``). Only the class changes.
 
     Why: transformers rotates with two products, a negation, a concatenation and a sum per tensor,
-    and its backward with zero-filled slices and sums, each a new tensor: about 6% of a training
-    step of the benchmark's model."""
+    and its backward with zero-filled slices and sums, each a new tensor: a noticeable share of a
+    training step (docs/performance.md, The speed-ups: `rotary_kernel`)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is not None or position_embeddings is None or "past_key_values" in kwargs:

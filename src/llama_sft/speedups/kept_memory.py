@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..training.model import serving_module
+from ..peft_modules import serving_module
 
 # A grown buffer gets room for this many rows more than asked for, so that a run whose steps need
 # a few rows more each time does not allocate (and fault in) a new buffer at every step.

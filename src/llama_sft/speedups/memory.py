@@ -8,7 +8,7 @@ import ctypes
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import TrainerCallback
 
-from ..training.model import replaced_base_modules
+from ..peft_modules import replaced_base_modules
 
 # Optimizer steps between two returns of freed heap pages (``ReturnFreedMemory``) under bfloat16
 # autocast; in float32 the heap is trimmed after every step.

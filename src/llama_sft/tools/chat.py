@@ -1,10 +1,10 @@
 """``llama-sft chat``: talk to a model, interactively or over a file of instructions.
 
-Contract: ``--base_model DIR [--lora_model DIR]`` (a base plus a LoRA, or a merged model alone).
-The prompt template defaults to the ``template.json`` saved with the LoRA (or copied into a merged
-model by ``llama-sft merge``), so prompts at inference match training; the tokenizer defaults to the
-LoRA's, then the model's. Prompts are encoded by ``TextTokenizer`` exactly as in training:
-``[BOS] + encode(template.render(instruction))``.
+Contract: ``--base_model DIR [--lora_model DIR ...]`` (a base plus LoRAs, or a merged model
+alone), loaded by ``llama_sft.loading.load``: the prompt template defaults to the ``template.json``
+saved with the LoRA (or copied into a merged model by ``llama-sft merge``), so prompts at inference
+match training; the tokenizer defaults to the LoRA's, then the model's. Prompts are encoded by
+``TextTokenizer`` exactly as in training: ``[BOS] + encode(template.render(instruction))``.
 
 * Interactive (no ``--data_file``): reads one instruction a line from stdin and streams the answer
   to stdout as it is generated. With a multi-turn template (``llama2-chat``) earlier turns stay in
@@ -38,25 +38,15 @@ from typing import TextIO
 
 import torch
 
-from ..checks import (
-    ModelError,
-    adapter_vocab_rows,
-    check_adapter_dir,
-    check_model_dir,
-    check_vocab,
-    first_line,
-    has_tokenizer,
-    model_vocab_size,
-    read_adapter_config,
-)
+from ..checks import ModelError
 from ..data.records import DataError, read_messages, record_format
-from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template, prompt_ids
+from ..data.templates import Template, TemplateError, prompt_ids
 from ..data.text import TextCleaning, UnencodableText, clean_text
 from ..data.tokenizer import TextTokenizer, TokenizerError
+from ..loading import ModelSpec, load
+from ..options import ArgumentError, add_config, add_lora_model, parse_command
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATE = "alpaca"
 
 
 class ChatError(ValueError):
@@ -100,134 +90,6 @@ class GenerationSettings:
             # The model's generation_config may carry sampling values that greedy search would warn about.
             kwargs.update(temperature=None, top_k=None, top_p=None)
         return kwargs
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(
-    base_model: str | Path,
-    lora_model: str | Path | list[str | Path] | None,
-    device: torch.device,
-    dtype: str = "auto",
-    load_in_kbits: int = 16,
-):
-    """The base with the LoRA (or several, applied in the order given, as merge does) merged in;
-    with ``load_in_kbits`` 4 or 8, the base quantised and one LoRA kept beside it, unmerged (folding
-    it into quantised weights would round it away)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..training.args import ModelArguments
-    from ..training.model import quantization_config
-
-    base = Path(base_model)
-    check_model_dir(base, "--base_model")
-    loras = [] if lora_model is None else lora_model if isinstance(lora_model, list) else [lora_model]
-    for lora in loras:
-        check_adapter_dir(lora, "--lora_model")
-    if dtype == "auto":
-        # float16 matrix products are very slow on a CPU; on a GPU half precision halves memory.
-        torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    extra = {}
-    if load_in_kbits != 16:
-        if len(loras) > 1:
-            raise ModelError(
-                f"--load_in_kbits {load_in_kbits} takes one --lora_model; merge the others into the base first"
-            )
-        compute = torch_dtype if device.type == "cuda" else torch.float32
-        # What the adapter trained in full replaces whole modules, which must stay unquantised.
-        keep = read_adapter_config(loras[0], "--lora_model").get("modules_to_save") or [] if loras else []
-        extra["quantization_config"] = quantization_config(
-            ModelArguments(load_in_kbits=load_in_kbits), compute, list(keep)
-        )
-        if device.type == "cuda":  # quantised weights are placed when loaded and cannot move
-            extra["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, **extra)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(
-            f"{base}: cannot load the model ({first_line(exc)}); re-save it with save_pretrained"
-        ) from None
-    for lora in map(Path, loras):
-        from peft import PeftModel
-
-        rows = adapter_vocab_rows(lora, "--lora_model")
-        if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
-            # The saved embed_tokens/lm_head replace these rows, so how they are initialised is moot.
-            model.resize_token_embeddings(rows, mean_resizing=False)
-        try:
-            model = PeftModel.from_pretrained(model, str(lora))
-            model = model if load_in_kbits != 16 else model.merge_and_unload()
-        except (RuntimeError, ValueError) as exc:
-            raise ModelError(
-                f"{lora}: the LoRA does not fit {base} ({first_line(exc)}); was it trained on another base?"
-            ) from None
-    return (model if load_in_kbits != 16 else model.to(device)).eval()
-
-
-def resolve_tokenizer(tokenizer_path: str | None, lora_model: str | None, base_model: str) -> TextTokenizer:
-    if tokenizer_path is not None:
-        return TextTokenizer.load(tokenizer_path)
-    for folder in (lora_model, base_model):
-        if folder is not None and has_tokenizer(folder):
-            return TextTokenizer.load(folder)
-    raise TokenizerError(
-        f"no tokenizer in {lora_model or base_model}: pass --tokenizer_path (the folder with tokenizer.model)"
-    )
-
-
-def pretrained_only(folder: Path) -> bool:
-    """Whether a LoRA folder's training_args.json says it was trained by ``llama-sft pretrain``."""
-    try:
-        return (
-            json.loads((folder / "training_args.json").read_text(encoding="utf-8")).get("task")
-            == "pre-training"
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def resolve_template(name: str | None, lora_model: str | None, base_model: str) -> Template:
-    if name is not None:
-        return load_template(name)
-    for folder in (lora_model, base_model):
-        if folder is not None and (Path(folder) / TEMPLATE_FILE).is_file():
-            return load_template(Path(folder))
-    if lora_model is not None and pretrained_only(Path(lora_model)):
-        # A pre-training LoRA learned plain text: it continues text rather than answering prompts.
-        logger.info(
-            "%s is a pre-training LoRA: its text is continued as written (--prompt_template none)", lora_model
-        )
-        return load_template("none")
-    logger.warning(
-        "no %s beside the model; using the %r template (--prompt_template)", TEMPLATE_FILE, DEFAULT_TEMPLATE
-    )
-    return load_template(DEFAULT_TEMPLATE)
-
-
-def check_tokenizer(tokenizer: TextTokenizer, base_model: str | Path, lora_model: str | Path | None) -> None:
-    """Refuse a tokenizer that does not fit the model, from the config files, before it is loaded."""
-    rows = adapter_vocab_rows(lora_model, "--lora_model") if lora_model is not None else None
-    # A LoRA that saved embed_tokens decides the vocabulary; otherwise the base does.
-    source = lora_model if rows is not None else base_model
-    if rows is None:
-        rows = model_vocab_size(base_model, "--base_model")
-    if check_vocab(rows, len(tokenizer), source, tokenizer.directory, virtual_pad=tokenizer.added_pad):
-        usable = len(tokenizer) - (1 if tokenizer.added_pad else 0)
-        # Generation cannot grow the embedding: ids past its last row would index out of range.
-        raise ModelError(
-            f"{tokenizer.directory}: the tokenizer has {usable} tokens but the model {source} has {rows} "
-            "embedding rows; pass the tokenizer the model was trained with (--tokenizer_path)"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,9 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-sft chat", description="Chat with a model (base + LoRA, or merged), or answer a file."
     )
     add = parser.add_argument
+    add_config(parser)
     add("--base_model", required=True, help="Hugging Face model folder: the base, or a merged model.")
-    add("--lora_model", default=None, help="LoRA folder (sft_lora_model) to apply to --base_model.")
-    add("--tokenizer_path", default=None, help="Tokenizer folder. Default: the LoRA's, then the model's.")
+    add_lora_model(parser, "LoRA folder (sft_lora_model) to apply to --base_model.")
+    add(
+        "--tokenizer_path", default=None, help="Tokenizer folder. Default: the last LoRA's, then the model's."
+    )
     add(
         "--prompt_template",
         default=None,
@@ -550,26 +415,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    args = parse_command(build_parser(), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     settings = GenerationSettings(
         **{option.name: vars(args)[option.name] for option in fields(GenerationSettings)}
     )
+    spec = ModelSpec(
+        args.base_model,
+        args.lora_model,
+        args.tokenizer_path,
+        args.prompt_template,
+        args.system_prompt,
+        args.device,
+        args.torch_dtype,
+        args.load_in_kbits,
+    )
     try:
-        check_model_dir(args.base_model, "--base_model")
-        if args.lora_model is not None:
-            check_adapter_dir(args.lora_model, "--lora_model")
-        tokenizer = resolve_tokenizer(args.tokenizer_path, args.lora_model, args.base_model)
-        check_tokenizer(tokenizer, args.base_model, args.lora_model)
-        template = resolve_template(args.prompt_template, args.lora_model, args.base_model)
-        if args.system_prompt is not None:
-            template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        model = load_model(
-            args.base_model, args.lora_model, pick_device(args.device), args.torch_dtype, args.load_in_kbits
-        )
+        loaded = load(spec)
+        model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
         budget = context_budget(model, settings, args.max_context)
         if args.data_file is not None:
             predictions = predict_file(
@@ -583,6 +449,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
             interactive(
                 model, tokenizer, template, settings, budget, stdin or sys.stdin, stdout or sys.stdout
             )
-    except (ModelError, ChatError, TemplateError, TokenizerError) as exc:
+    except (ModelError, ChatError, TemplateError, TokenizerError, ArgumentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -42,15 +42,17 @@ import numpy as np
 import torch
 
 from ..checks import MODEL_CONFIG, ModelError, has_tokenizer
-from ..data.templates import TEMPLATE_FILE, Template, TemplateError, load_template
+from ..data.templates import Template, TemplateError
 from ..data.tokenizer import SP_MODEL, TextTokenizer, TokenizerError
-from .merge import (
+from ..loading import resolve_template
+from ..options import add_config, add_lora_model, parse_command
+from .weights import (
     EMBED_KEY,
     Adapter,
     BaseModel,
-    _open_weights,
-    _output_tokenizer,
     merged_tensor,
+    open_weights,
+    output_tokenizer,
     plan_shapes,
     read_adapter,
     read_base_model,
@@ -515,7 +517,7 @@ def iter_tensors(base: BaseModel, adapters: list[Adapter], plans: list[TensorPla
     """(plan, merged tensor), in plan order, one base file open at a time."""
     by_key = {plan.key: plan for plan in plans}
     for path in base.files:
-        with _open_weights(path) as get:
+        with open_weights(path) as get:
             for key in base.keys[path]:
                 if key in by_key:
                     yield by_key[key], merged_tensor(key, get(key), adapters)
@@ -604,15 +606,6 @@ def modelfile_path(output_file: Path) -> Path:
     return output_file.with_name(f"{output_file.stem}.Modelfile")
 
 
-def _pick_template(base: BaseModel, adapters: list[Adapter], name: str | None) -> Template | None:
-    if name is not None:
-        return load_template(name)
-    for folder in [*(a.folder for a in reversed(adapters)), base.folder]:
-        if (folder / TEMPLATE_FILE).is_file():
-            return load_template(folder)
-    return None
-
-
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.suffix != ".gguf":
         raise ExportError(
@@ -679,14 +672,9 @@ def export(
     check_sentencepiece(given, Path(lora_models[-1]) if lora_models else base.folder)
     shapes = plan_shapes(base, adapters)
     rows = shapes[EMBED_KEY][0]
-    tokenizer = _output_tokenizer(base, adapters, rows)
+    tokenizer = output_tokenizer(base, adapters, rows)
     vocab = read_vocabulary(tokenizer, rows)
-    template = _pick_template(base, adapters, prompt_template)
-    if template is None:
-        logger.warning(
-            "no %s with the LoRA or the model and no --prompt_template: using alpaca", TEMPLATE_FILE
-        )
-        template = load_template("alpaca")
+    template = resolve_template(prompt_template, [a.folder for a in adapters], base.folder)
     # A template that ends answers with its own token (chatml's <|im_end|>) needs it in the vocabulary.
     template.end_id(tokenizer)
     plans = plan_tensors(base, shapes, outtype)
@@ -747,7 +735,6 @@ OPTIONS = (
         "--base_model",
         {"required": True, "help": "Hugging Face LLaMA folder: the base, or a merged/full model."},
     ),
-    ("--lora_model", {"default": "", "help": "LoRA folder(s), comma-separated, folded in in this order."}),
     ("--output_file", {"required": True, "help": "The .gguf file to write (OUT.Modelfile beside it)."}),
     (
         "--outtype",
@@ -766,18 +753,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-sft export",
         description="Write a GGUF file for llama.cpp and Ollama from a base model plus LoRAs, or a merged model.",
     )
+    add_config(parser)
     for flag, settings in OPTIONS:
         parser.add_argument(flag, **settings)
+    add_lora_model(parser, "LoRA folder(s) folded in.")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> None:
+    args = parse_command(build_parser(), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         out = export(
             args.base_model,
-            [part.strip() for part in args.lora_model.split(",") if part.strip()],
+            args.lora_model,
             args.output_file,
             args.outtype,
             args.overwrite,

@@ -22,6 +22,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from ..data.tokenizer import SP_MODEL
+from ..options import add_config, parse_command
 from ..training.saving import atomic_dir
 
 SP_DIR = "merged_tokenizer_sp"
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-sft merge-tokenizer",
         description="Append a Chinese SentencePiece model's pieces to the LLaMA tokenizer.",
     )
+    add_config(parser)
     parser.add_argument(
         "--llama_tokenizer_dir", required=True, help="Folder holding LLaMA's tokenizer.model."
     )
@@ -174,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> None:
+    args = parse_command(build_parser(), argv)
     try:
         report = merge_tokenizers(args.llama_tokenizer_dir, args.chinese_sp_model_file, args.output_dir)
     except TokenizerMergeError as exc:

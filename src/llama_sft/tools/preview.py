@@ -8,6 +8,9 @@ text with the trained spans marked (green on a terminal, ``[[...]]`` otherwise),
 outcome and token counts. ``--output_file`` writes one JSON line per example,
 ``{"file", "index", "status", "input_ids", "labels"}``: the ids and labels training would use (a
 dropped record has empty lists). Bad input stops with one line and exit code 2, as ``train`` does.
+``--on_bad_records skip [--max_bad_fraction F]`` leaves bad records out as training does
+(``records.BadRecords``): every file is read to count them, the examples shown are the first K kept
+records (with their index in the file), and the counts and a few examples per reason go to stderr.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import sys
 from pathlib import Path
 
 from ..data.encode import IGNORE_INDEX, TRAIN_ON_TURNS, check_template_fits, encode_records
-from ..data.records import DataError, find_data_files, load_records
-from ..data.templates import Template, TemplateError, load_template
+from ..data.records import POLICIES, BadRecords, DataError, find_data_files, load_numbered
+from ..data.templates import Template, TemplateError
 from ..data.tokenizer import TextTokenizer, TokenizerError
+from ..loading import ModelSpec, load
+from ..options import ArgumentError, add_config, parse_command
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -31,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the first records as training sees them, trained spans marked.",
     )
     add = parser.add_argument
+    add_config(parser)
     add("--tokenizer_name_or_path", required=True, help="The tokenizer folder training uses.")
     add("--dataset_dir", required=True, help="Folder of data files, or one file.")
     add("--prompt_template", default="alpaca", help="Template name or JSON file (as for train).")
@@ -39,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_on_turns", choices=TRAIN_ON_TURNS, default="all", help="As for train.")
     add("--num_records", type=int, default=3, help="How many records to show.")
     add("--output_file", default=None, help="Also write the examples as JSON lines here.")
+    add(
+        "--on_bad_records",
+        choices=POLICIES,
+        default="stop",
+        help="As for train: stop at or skip bad records.",
+    )
+    add(
+        "--max_bad_fraction",
+        type=float,
+        default=0.5,
+        help="As for train: skipping, the most that may be bad.",
+    )
     return parser
 
 
@@ -49,18 +67,27 @@ def preview(
     max_seq_length: int,
     num_records: int,
     train_on_turns: str = "all",
+    bad: BadRecords | None = None,
 ) -> list[dict]:
-    """The first ``num_records`` records as ``{"file", "index", "status", "input_ids", "labels"}``."""
+    """The first ``num_records`` records as ``{"file", "index", "status", "input_ids", "labels"}``.
+    Skipping bad records (``bad``), every file is read, so that its counts and check are training's."""
     check_template_fits(template, tokenizer, max_seq_length)
-    examples = []
+    skipping = bad is not None and bad.skipping
+    examples, kept = [], 0
     for path in find_data_files(dataset_dir):
-        for index, record in enumerate(load_records(path)):
+        numbered = load_numbered(path, bad)
+        kept += len(numbered)
+        for index, record in numbered:
             if len(examples) == num_records:
+                if skipping:
+                    break
                 return examples
             dataset, stats = encode_records([record], template, tokenizer, max_seq_length, 1, train_on_turns)
             status = next(s for s in ("whole", "shortened", "truncated", "dropped") if getattr(stats, s))
             example = dataset[0] if len(dataset) else {"input_ids": [], "labels": []}
             examples.append({"file": str(path), "index": index, "status": status, **example})
+    if bad is not None:
+        bad.check(kept)
     return examples
 
 
@@ -103,20 +130,39 @@ def show(tokenizer: TextTokenizer, example: dict, colour: bool) -> str:
     return f"{head}\n{body}\n"
 
 
-def main(argv: list[str] | None = None, stdout=None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str], stdout=None) -> None:
+    args = parse_command(build_parser(), argv)
     out = stdout or sys.stdout
+    bad = None
     try:
-        tokenizer = TextTokenizer.load(args.tokenizer_name_or_path)
-        template = load_template(args.prompt_template)
-        if args.system_prompt is not None:
-            template = Template(**{**template.to_dict(), "system_prompt": args.system_prompt})
-        examples = preview(
-            tokenizer, template, args.dataset_dir, args.max_seq_length, args.num_records, args.train_on_turns
+        bad = BadRecords(args.on_bad_records, args.max_bad_fraction)
+        # No model: the loader's tokenizer and template, as train reads them.
+        loaded = load(
+            ModelSpec(
+                None,
+                tokenizer_path=args.tokenizer_name_or_path,
+                prompt_template=args.prompt_template,
+                system_prompt=args.system_prompt,
+            ),
+            with_model=False,
         )
-    except (DataError, TemplateError, TokenizerError) as exc:
+        tokenizer, template = loaded.tokenizer, loaded.template
+        examples = preview(
+            tokenizer,
+            template,
+            args.dataset_dir,
+            args.max_seq_length,
+            args.num_records,
+            args.train_on_turns,
+            bad,
+        )
+    except (DataError, TemplateError, TokenizerError, ArgumentError) as exc:
+        for line in bad.report_lines() if bad is not None else []:
+            print(line, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    for line in bad.report_lines():
+        print(line, file=sys.stderr)
     colour = out.isatty() if hasattr(out, "isatty") else False
     for example in examples:
         out.write(show(tokenizer, example, colour))

@@ -1,30 +1,37 @@
 """Typed arguments for training. One set of dataclasses behind both entry points
 (``run_clm_sft_with_peft.py`` and ``llama-sft train``); a YAML file and flags can set any field.
 
-Contract: ``parse_train_args(argv) -> TrainArgs``. ``--config FILE.yaml`` supplies values that
-flags given after it override. Spellings that transformers 5 renamed are accepted and translated
-(``--evaluation_strategy``, ``--warmup_ratio``, ``--group_by_length``).
+Contract: ``parse_train_args(argv, machine) -> TrainArgs`` parses a command line once, after
+``flags.normalize_argv`` (``--config FILE.yaml`` expanded in place so later flags win, and
+the spellings transformers 5 renamed translated). With a ``machine`` (``precision.Machine``), the
+choices that depend on it (``--fp16`` or ``--bf16`` on a CPU, ``--torch_dtype float16`` on a CPU,
+DeepSpeed on a CPU) are resolved on the parsed values before ``TrainingArguments`` is built, each
+announced once; ``TrainArgs.requested`` keeps what was asked where it differs from what runs.
+Every flag of the original ``run_clm_*_with_peft.py`` (v1 and v2) is accepted; those that change
+nothing here (the Hub's, ``--streaming``, ...) are listed in ``NO_EFFECT`` and the run logs
+``ignored_flag_notices`` at its start, one line each saying why.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..options import ArgumentError, escaped
+from .flags import normalize_argv
 
-class ArgumentError(ValueError):
-    """A bad flag value. The message names the flag and says what to do, on one line: flag values
-    quoted in it have their line breaks and other control characters escaped."""
 
-    def __init__(self, message: str):
-        super().__init__(_escaped(message))
+def no_effect(why: str, switch: bool = False):
+    """A field for a flag of the original scripts that changes nothing here: accepted so their
+    command lines run, None when not given. A ``switch`` may be given bare or with True/False."""
+    metadata = {"help": f"Accepted for the original scripts; no effect ({why})."}
+    if switch:
+        metadata.update(nargs="?", const=True)
+    return field(default=None, metadata=metadata)
 
 
 @dataclass
@@ -47,7 +54,11 @@ class ModelArguments:
         },
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa (default), eager, or flash_attention_2."}
+        default="sdpa",
+        metadata={
+            "help": "Attention kernel: sdpa (default), eager, or flash_attention_2 (also --use_flash_attention_2 "
+            "or --flash_attn; sdpa instead where there is no CUDA GPU or no flash-attn package)."
+        },
     )
     trust_remote_code: bool = field(
         default=False,
@@ -67,6 +78,14 @@ class ModelArguments:
         default=True,
         metadata={"help": "4-bit: quantise the quantisation constants too (about 0.4 bits a weight less)."},
     )
+    # The original scripts' Hugging Face Hub and loading flags, each announced as having no effect.
+    low_cpu_mem_usage: bool | None = no_effect("transformers 5 always loads with low CPU memory", switch=True)
+    cache_dir: str | None = no_effect("nothing is downloaded")
+    model_revision: str | None = no_effect("the model is a local folder")
+    use_auth_token: bool | None = no_effect("nothing is downloaded", switch=True)
+    use_fast_tokenizer: bool | None = no_effect("text is encoded by SentencePiece itself", switch=True)
+    config_name: str | None = no_effect("the model folder's config.json is used")
+    config_overrides: str | None = no_effect("it applies to a model trained from scratch")
 
 
 @dataclass
@@ -98,11 +117,47 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Threads used to tokenize the data."}
     )
+    overwrite_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize the data again and replace its entry in --data_cache_dir instead of reading it."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on this many records (pre-training: blocks), the first of a shuffle by --seed, taken "
+            "after bad records are skipped and the validation share is held out. Default: all."
+        },
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on this many records (pre-training: blocks), chosen as --max_train_samples."
+        },
+    )
+    keep_linebreaks: bool | None = no_effect(
+        "each line of a .txt file is a document ended by EOS", switch=True
+    )
+    streaming: bool | None = no_effect("pre-training text is always streamed from disk", switch=True)
     data_cache_dir: str | None = field(
         default=None,
         metadata={
             "help": "Where tokenized data is cached, keyed by content. Default: ~/.cache/llama_sft/data."
         },
+    )
+    on_bad_records: str = field(
+        default="stop",
+        metadata={
+            "help": "What a bad record does: stop (the run stops at the first, naming it) or skip (it is left "
+            "out, counted by reason in the log and data_stats.json; the run still stops when none is left or "
+            "more than --max_bad_fraction are bad).",
+            "choices": ["stop", "skip"],
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.5,
+        metadata={"help": "With --on_bad_records skip: the largest share of bad records a run accepts."},
     )
     prompt_template: str = field(
         default="alpaca", metadata={"help": "Prompt template: alpaca, llama2-chat, or a JSON template file."}
@@ -243,6 +298,7 @@ class SftTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Show the full traceback of an input error instead of the one-line message."},
     )
+    debug_mode: bool | None = no_effect("--debug_errors shows an input error's traceback", switch=True)
 
 
 @dataclass
@@ -251,6 +307,10 @@ class TrainArgs:
     data: DataArguments
     lora: LoraArguments
     training: SftTrainingArguments
+    # What the command line asked for, where this machine runs something else (flag: value).
+    requested: dict = field(default_factory=dict)
+    # The machine the flags were resolved against (precision.Machine); None: taken as given.
+    machine: object = None
 
     def to_dict(self) -> dict:
         training = {k: v for k, v in self.training.to_dict().items() if not k.startswith("_")}
@@ -259,6 +319,7 @@ class TrainArgs:
             "data": asdict(self.data),
             "lora": asdict(self.lora),
             "training": training,
+            "requested": dict(self.requested),
         }
 
 
@@ -268,101 +329,18 @@ def _comma_list(value: str | None) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-# transformers 5 renamed or removed these TrainingArguments; the documented command still uses them.
-_RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
-
-
-def translate_legacy(argv: list[str]) -> list[str]:
-    out = []
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        bare = not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
-        if name == "--resume_from_checkpoint" and bare:
-            out += [name, "latest"]
-        elif name == "--debug" and bare:
-            out.append("--debug_errors")
-        elif name in _RENAMED:
-            out.append(_RENAMED[name] + eq + value)
-        elif name == "--group_by_length":
-            out += (
-                ["--train_sampling_strategy", "group_by_length"]
-                if value.lower() not in ("false", "0")
-                else []
-            )
-        else:
-            out.append(arg)
-    return out
-
-
-def yaml_to_argv(path: str | Path) -> list[str]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        # YAML's messages span lines (the problem, then where); the error is one line.
-        raise ArgumentError(
-            f"{path}: cannot read the --config YAML file: {' '.join(str(exc).split())}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ArgumentError(f"{path}: a --config file is a mapping of argument names to values")
-    argv = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        flag = f"--{key}"
-        if isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def expand_config(argv: list[str]) -> list[str]:
-    """Replace ``--config FILE`` by the file's settings, so later flags override them."""
-    out, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name == "--config":
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ArgumentError("--config needs a YAML file")
-                value, i = argv[i + 1], i + 1
-            out += yaml_to_argv(value)
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
-
-
-def _escaped(text: str) -> str:
-    """User text quoted in an error, with line breaks and other control characters escaped: one line."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
-
-
 class _Parser(HfArgumentParser):
     def error(self, message: str):
         # argparse's default prints the usage of ~200 flags first, burying the one line that matters.
-        self.exit(2, f"error: {_escaped(message)} (see --help for every flag)\n")
+        self.exit(2, f"error: {escaped(message)} (see --help for every flag)\n")
 
 
 def make_parser() -> HfArgumentParser:
     return _Parser((ModelArguments, DataArguments, LoraArguments, SftTrainingArguments))
 
 
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in a raw argv (the last one wins), else None."""
-    found = None
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name == flag:
-            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-    return found
-
-
-def check_deepspeed_config(argv: list[str]) -> None:
-    value = flag_value(argv, "--deepspeed")
-    if value is not None and not value.lstrip().startswith("{"):
+def check_deepspeed_config(value: str | dict | None) -> None:
+    if isinstance(value, str) and not value.lstrip().startswith("{"):
         try:
             raw = Path(value).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
@@ -381,25 +359,117 @@ def check_deepspeed_config(argv: list[str]) -> None:
             raise ArgumentError(f"{value}: --deepspeed config is not valid JSON ({exc})") from None
 
 
-def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
-    argv = translate_legacy(expand_config(list(sys.argv[1:] if argv is None else argv)))
-    check_deepspeed_config(argv)
+def zero_stage(deepspeed_config: str | dict | None) -> int:
+    if not deepspeed_config:
+        return 0
+    config = deepspeed_config
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+# TrainingArguments fields transformers 5 renamed (old: new); the old names then mirror the new.
+RENAMED_FIELDS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+GROUPS = (ModelArguments, DataArguments, LoraArguments, SftTrainingArguments)
+
+
+def parse_train_args(argv: list[str], machine=None, normalized: bool = False) -> TrainArgs:
+    """The one parse of a training command line. ``machine`` (``precision.Machine``): resolve the
+    flags that depend on it before ``TrainingArguments`` is built; None parses the flags as given.
+    ``normalized``: ``argv`` already went through ``normalize_argv`` (the command-line entry does it
+    first, to set up the process before PyTorch starts)."""
+    argv = list(argv) if normalized else normalize_argv(list(argv))
+    namespace, rest = make_parser().parse_known_args(argv)
+    if rest:
+        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
+    values = vars(namespace)
+    for old, new in RENAMED_FIELDS.items():
+        # The documented command's spelling, taken as the new name (transformers warns on the old).
+        if values[new] is None and values[old] is not None:
+            values[new], values[old] = values[old], None
+    if values["model_name_or_path"] is None:
+        raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
+    check_deepspeed_config(values["deepspeed"])
+    requested = {}
+    if machine is not None:
+        from .precision import resolve_for_machine
+
+        changes = resolve_for_machine(values, machine)
+        requested = {name: values[name] for name in changes}
+        values.update(changes)
+    if values["label_names"] is None:
+        values["label_names"] = ["labels"]
+    if values["activation_checkpointing"] and values["activation_checkpointing_kwargs"] is None:
+        # Reentrant checkpointing needs an input that requires grad; with a frozen embedding it has
+        # none and backward fails ("element 0 of tensors does not require grad").
+        values["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     try:
-        model, data, lora, training, rest = make_parser().parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True
+        model, data, lora, training = (
+            group(**{f.name: values[f.name] for f in fields(group) if f.init and f.name in values})
+            for group in GROUPS
         )
     except (ValueError, OverflowError) as exc:
         # TrainingArguments validates on construction (a missing or non-JSON --deepspeed config, say)
         # and turns step counts into integers (OverflowError for an infinite --save_steps).
         raise ArgumentError(f"bad training arguments: {exc}") from None
-    if rest:
-        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see --help for every flag)")
-    if model.model_name_or_path is None:
-        raise ArgumentError("--model_name_or_path is required: the local folder of the base model")
     if model.tokenizer_name_or_path is None:
         model.tokenizer_name_or_path = model.model_name_or_path
     check_numbers(data, lora, training)
-    return TrainArgs(model, data, lora, training)
+    return TrainArgs(model, data, lora, training, requested, machine)
+
+
+# Why each flag of the original scripts accepted by ``no_effect`` changes nothing here: (group, flag,
+# why). The pre-training text flags say something else under instruction tuning (see below).
+NO_EFFECT = (
+    ("model", "low_cpu_mem_usage", "transformers 5 always loads the weights with low CPU memory use"),
+    ("model", "cache_dir", "nothing is downloaded: the model and tokenizer are local folders"),
+    ("model", "model_revision", "nothing is downloaded: the model folder holds one revision"),
+    ("model", "use_auth_token", "nothing is downloaded from the Hugging Face Hub"),
+    (
+        "model",
+        "use_fast_tokenizer",
+        "text is encoded by SentencePiece itself, as the model was trained, not by a fast or slow "
+        "transformers tokenizer",
+    ),
+    ("model", "config_name", "the model is built from the config.json of --model_name_or_path"),
+    (
+        "model",
+        "config_overrides",
+        "it changes a model trained from scratch; the model here is --model_name_or_path as it is",
+    ),
+    (
+        "data",
+        "keep_linebreaks",
+        "each non-blank line of a .txt file is one document ended by EOS, so EOS marks the line "
+        "break (the original passed this to the datasets 'text' loader)",
+    ),
+    (
+        "data",
+        "streaming",
+        "pre-training always streams the text files into a memory-mapped token cache, so memory "
+        "stays flat whatever the corpus size",
+    ),
+    ("training", "debug_mode", "for the full traceback of an input error, pass --debug_errors"),
+)
+SFT_NO_EFFECT = {
+    "keep_linebreaks": "it is a pre-training option; line breaks inside records are kept as written",
+    "streaming": "it is a pre-training option; the instruction records are read whole",
+}
+
+
+def ignored_flag_notices(args: TrainArgs, task: str = "sft") -> list[str]:
+    """One line for each flag of the original scripts given on this command line that has no effect
+    here, saying why. The run logs them once at its start."""
+    lines = []
+    for group, name, why in NO_EFFECT:
+        value = getattr(getattr(args, group), name)
+        if value is not None:
+            why = SFT_NO_EFFECT.get(name, why) if task != "pt" else why
+            lines.append(f"--{name} {value}: no effect here; {why}")
+    return lines
 
 
 # flag: (smallest allowed value, whether the smallest is allowed, what is usual); None values are defaults.
@@ -420,6 +490,8 @@ NUMBER_RANGES = {
     "save_steps": (0, False, "100-1000"),
     "eval_steps": (0, False, "100-1000"),
     "seed": (0, True, "42"),
+    "max_train_samples": (1, True, "a few hundred, for a quick trial"),
+    "max_eval_samples": (1, True, "a few hundred"),
 }
 
 
@@ -434,6 +506,10 @@ def check_numbers(data: DataArguments, lora: LoraArguments, training: SftTrainin
             if not math.isfinite(value) or not fits:
                 bound = f"at least {lowest}" if inclusive else f"above {lowest}"
                 raise ArgumentError(f"--{name} {value}: must be a finite number {bound} ({usual} is usual)")
+    if not 0 <= data.max_bad_fraction <= 1:
+        raise ArgumentError(
+            f"--max_bad_fraction {data.max_bad_fraction}: give a fraction from 0 to 1 (0.5 is usual)"
+        )
     if data.validation_split_percentage >= 100:
         raise ArgumentError(
             f"--validation_split_percentage {data.validation_split_percentage}: give a fraction below 1 "

@@ -6,8 +6,7 @@ embedding has one row per tokenizer id (resized up when the tokenizer is larger;
 ``PeftModel`` whose trainable parameters are exactly the LoRA matrices (with ``use_dora``, DoRA's
 magnitudes too) and ``modules_to_save``, in float32, with the base frozen: stock transformers and PEFT
 modules (``use_rslora`` scales by alpha/sqrt(r)). With ``peft_path`` the saved
-adapter is loaded trainable and its own configuration wins. ``serving_module`` says which module
-runs in place of a ``modules_to_save`` wrapper.
+adapter is loaded trainable and its own configuration wins.
 """
 
 from __future__ import annotations
@@ -16,21 +15,16 @@ import logging
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from peft.utils import ModulesToSaveWrapper
 
 from ..checks import ModelError, first_line, model_vocab_size, read_adapter_config
-from .args import ArgumentError, LoraArguments, ModelArguments
+from ..loading import KBITS, quantization_config
+from .args import ArgumentError, LoraArguments, ModelArguments, zero_stage
 
 logger = logging.getLogger(__name__)
 
 
-KBITS = (4, 8, 16)
-
-
 def check_training_mode(args) -> None:
     """Refuse a k-bit or full fine-tuning set-up that cannot work, before any weight is loaded."""
-    from .planner import zero_stage
-
     kbits, training = args.model.load_in_kbits, args.training
     if kbits not in KBITS:
         raise ArgumentError(
@@ -69,26 +63,6 @@ def check_training_mode(args) -> None:
         ) from None
 
 
-def quantization_config(args: ModelArguments, compute_dtype: torch.dtype, keep: list[str] | None):
-    """transformers' BitsAndBytesConfig for --load_in_kbits 4 or 8; None for 16. ``keep`` (the
-    modules trained in full) stay unquantised, as the original scripts kept them; every other
-    Linear is quantised, lm_head included when it is not trained (for a 1B model with 32,000 rows
-    a 16-bit lm_head alone is a fifth of the 4-bit model)."""
-    if args.load_in_kbits == 16:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=args.load_in_kbits == 4,
-        load_in_8bit=args.load_in_kbits == 8,
-        llm_int8_threshold=6.0,
-        llm_int8_skip_modules=list(keep or []),
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=args.double_quant,
-        bnb_4bit_quant_type=args.quant_type,
-    )
-
-
 def load_base_model(
     args: ModelArguments,
     tokenizer_size: int,
@@ -101,7 +75,9 @@ def load_base_model(
     keep = list(keep_unquantised or [])
     if args.load_in_kbits != 16 and tokenizer_size > model_vocab_size(args.model_name_or_path):
         keep.append("lm_head")  # it grows to the tokenizer's rows below, which a quantised layer cannot
-    quantization = quantization_config(args, compute_dtype, keep)
+    quantization = quantization_config(
+        args.load_in_kbits, compute_dtype, keep, args.quant_type, args.double_quant
+    )
     extra = {}
     if quantization is not None:
         extra["quantization_config"] = quantization
@@ -224,28 +200,6 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
-
-
-def serving_module(module: torch.nn.Module) -> torch.nn.Module:
-    """The module that runs in ``module``'s place: for PEFT's ``modules_to_save`` wrapper, the
-    trained copy of its active adapter, or the base module when adapters are off or the active one
-    has no copy; any other module is itself."""
-    if not isinstance(module, ModulesToSaveWrapper):
-        return module
-    if module.disable_adapters or module.active_adapter not in module.modules_to_save:
-        return module.original_module
-    return module.modules_to_save[module.active_adapter]
-
-
-def replaced_base_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The base modules whose ``modules_to_save`` copy serves every active adapter of ``model``."""
-    return [
-        module.original_module
-        for module in model.modules()
-        if isinstance(module, ModulesToSaveWrapper)
-        and not module.disable_adapters
-        and all(name in module.modules_to_save for name in module.active_adapters)
-    ]
 
 
 def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:

@@ -7,23 +7,22 @@ and total counts. ``estimate_memory(...)`` returns the estimated peak memory per
 by part: frozen weights (load dtype; less the base copies of ``modules_to_save`` where training
 frees them: not under DeepSpeed, nor for a resized vocabulary), trainable weights, gradients and
 AdamW state (float32), divided across devices as the ZeRO stage says, activations of one
-forward/backward pass (a per-token, per-layer rule measured on LLaMA with sdpa attention, or one
-layer input per layer with gradient checkpointing), the vocabulary projection and the runtime
-itself. It is an estimate: allocator fragmentation and framework buffers are not modelled beyond a
-fixed runtime share.
+forward/backward pass (a per-token, per-layer rule for LLaMA with sdpa attention, see
+docs/performance.md, Memory planner; or one layer input per layer with gradient checkpointing),
+the vocabulary projection and the runtime itself. It is an estimate: allocator fragmentation and
+framework buffers are not modelled beyond a fixed runtime share.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..checks import model_vocab_size
-from .args import TrainArgs
-from .model import attach_lora, check_lora_args, replaced_base_modules
+from ..peft_modules import replaced_base_modules
+from .args import TrainArgs, zero_stage
+from .model import attach_lora, check_lora_args
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(1.0 * GIB)}
@@ -66,7 +65,7 @@ KBIT_BYTES = {
 
 def quantised_weights(model: torch.nn.Module, keep: list[str] | None) -> int:
     """Parameters bitsandbytes quantises: the frozen Linear weights, except those trained in full
-    (``keep``, see ``model.quantization_config``)."""
+    (``keep``, see ``loading.quantization_config``)."""
     skip = set(keep or [])
     count = 0
     for name, module in model.named_modules():
@@ -81,15 +80,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def zero_stage(deepspeed_config: str | dict | None) -> int:
-    if not deepspeed_config:
-        return 0
-    config = deepspeed_config
-    if not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
-    return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
 @dataclass
@@ -137,8 +127,9 @@ def estimate_memory(
     load_bytes = torch.finfo(load_dtype).bits // 8
     half = compute_dtype != torch.float32
     shard = max(1, world_size)
-    # Bytes kept for backward per token and layer (LoRA on all projections, sdpa), measured on
-    # LLaMA: float32 residual stream and LoRA dropout copies, the rest in the compute dtype.
+    # Bytes kept for backward per token and layer (LoRA on all projections, sdpa) on LLaMA: float32
+    # residual stream and LoRA dropout copies, the rest in the compute dtype (docs/performance.md,
+    # Memory planner).
     per_token_layer = 52 * h + 12 * i if half else 72 * h + 20 * i
     if gradient_checkpointing:
         activations = tokens_per_pass * (layers * h * 4 + per_token_layer)

@@ -8,7 +8,8 @@ or without DeepSpeed), ``llama-sft train`` and ``llama-sft pretrain``. One code 
 distributed set-up comes from torchrun's environment through the Trainer.
 
 Everything a user can get wrong (data, template, tokenizer, model folder, LoRA flags, output
-folder) is checked before ``output_dir`` is touched.
+folder) is checked before ``output_dir`` is touched. The command-line entry is
+``command_line.main``; ``train(argv)`` is the same run from Python.
 """
 
 from __future__ import annotations
@@ -18,20 +19,16 @@ import logging
 import math
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
-# isort: off
-from .. import speedups  # the one way to the speed-ups; first, as it sets the environment PyTorch reads
-# isort: on
-
-import torch  # noqa: E402
+import numpy as np
+import torch
 import transformers
 from transformers import TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from .. import speedups  # the one way to the speed-ups
 from ..checks import (
     ModelError,
     check_adapter_dir,
@@ -44,10 +41,10 @@ from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from ..data.packing import PackingCollator
 from ..data.pretrain import build_blocks, check_block_size, find_text_files
-from ..data.records import DataError, Record, find_data_files, load_records
+from ..data.records import BadRecords, DataError, Record, find_data_files, load_records
 from ..data.templates import Template, TemplateError, load_template
 from ..data.tokenizer import PROBE_TEXTS, TextTokenizer, TokenizerError
-from .args import ArgumentError, TrainArgs, expand_config, flag_value, parse_train_args, translate_legacy
+from .args import ArgumentError, TrainArgs, ignored_flag_notices, parse_train_args
 from .checkpoints import (
     CheckpointCallback,
     FiniteGradCallback,
@@ -65,7 +62,7 @@ from .model import (
     prepare_kbit,
 )
 from .planner import dry_run_report
-from .precision import plan_cpu_precision
+from .precision import Machine
 from .saving import TASKS, atomic_dir, output_name, write_lora_folder, write_model_folder
 from .trainer import SftTrainer
 
@@ -79,48 +76,24 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return {None: torch.float32, "auto": "auto"}.get(name) or getattr(torch, name)
 
 
-def setup_cpu_deepspeed(argv: list[str]) -> list[str]:
-    """DeepSpeed under torchrun on a CPU-only machine: start the process group over gloo ourselves.
-
-    accelerate gives DeepSpeed no backend when there is no GPU, and then every process believes it
-    is rank 0 of 1 (DeepSpeed's batch-size check fails with N processes). A PartialState made first
-    with gloo, and TrainingArguments told to use it, gives every process its real rank.
-    """
-    if torch.cuda.is_available() or "LOCAL_RANK" not in os.environ or flag_value(argv, "--deepspeed") is None:
-        return []
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo", timeout=timedelta(seconds=float(flag_value(argv, "--ddp_timeout") or 1800)))
-    return ["--accelerator_config", json.dumps({"use_configured_state": True})]
-
-
-def parse_for_this_machine(argv: list[str]) -> TrainArgs:
-    argv = translate_legacy(expand_config(list(argv)))
-    argv += setup_cpu_deepspeed(argv)
-    if not torch.cuda.is_available():
-        # Without use_cpu, transformers refuses --bf16 on a CPU-only machine (the probe only reads flags).
-        probe = parse_train_args(argv + ["--use_cpu", "True"])
-        if not probe.training.deepspeed:
-            argv += ["--use_cpu", "True"]
-        argv += plan_cpu_precision(probe)
-    return parse_train_args(argv)
-
-
-def load_data(
-    args: TrainArgs, tokenizer: TextTokenizer, template: Template
-) -> tuple[list[Path], list[Record], list[Path], list[Record]]:
-    """Read and validate every data file. Returns (train files, train records, eval files, eval records)."""
+def load_data(args: TrainArgs, tokenizer: TextTokenizer, template: Template) -> LoadedData:
+    """Read and validate every data file; under --on_bad_records skip, bad records are left out
+    and counted (training and validation files each by their own count)."""
     data = args.data
     if args.training.do_train and data.dataset_dir is None:
         raise ArgumentError("--dataset_dir is required with --do_train: a folder of Alpaca-format JSON files")
     train_files = find_data_files(data.dataset_dir) if data.dataset_dir else []
-    train_records = [r for path in train_files for r in load_records(path)]
+    bad = {"train": BadRecords(data.on_bad_records, data.max_bad_fraction)}
+    train_records = [r for path in train_files for r in load_records(path, bad["train"])]
+    if train_files:
+        bad["train"].check(len(train_records))
     eval_files, eval_records = [], []
     wants_eval = args.training.do_eval or args.training.eval_strategy != "no"
     if data.validation_file:
         eval_files = [Path(data.validation_file)]
-        eval_records = load_records(data.validation_file)
+        bad["eval"] = BadRecords(data.on_bad_records, data.max_bad_fraction)
+        eval_records = load_records(data.validation_file, bad["eval"])
+        bad["eval"].check(len(eval_records))
     elif wants_eval:
         train_records, eval_records = split_records(train_records, data.validation_split_percentage)
         if not eval_records:
@@ -129,7 +102,44 @@ def load_data(
                 "give --validation_file, or a --validation_split_percentage above 0"
             )
     check_template_fits(template, tokenizer, data.max_seq_length)
-    return train_files, train_records, eval_files, eval_records
+    seed, sampled = args.training.seed, {}
+    if data.max_train_samples is not None:
+        train_records, sampled["train"] = sample_records(train_records, data.max_train_samples, seed)
+    if data.max_eval_samples is not None and eval_records:
+        eval_records, sampled["eval"] = sample_records(eval_records, data.max_eval_samples, seed)
+    return LoadedData(train_files, train_records, eval_files, eval_records, bad, sampled)
+
+
+@dataclass
+class LoadedData:
+    train_files: list[Path]
+    train_records: list[Record]
+    eval_files: list[Path]
+    eval_records: list[Record]
+    bad: dict[str, BadRecords]
+    # --max_train_samples / --max_eval_samples: data_stats.json's "max_samples" ("train", "eval").
+    sampled: dict[str, dict] = field(default_factory=dict)
+
+
+def sample_records(records: list[Record], count: int, seed: int) -> tuple[list[Record], dict]:
+    """The first ``count`` records of a shuffle by ``seed``, kept in file order (all when there are no
+    more), and what data_stats.json records of it."""
+    available = len(records)
+    if count < available:
+        chosen = np.sort(np.random.default_rng(seed).permutation(available)[:count])
+        records = [records[i] for i in chosen]
+    return records, sample_stats(count, available, len(records))
+
+
+def sample_stats(limit: int, available: int, used: int) -> dict:
+    return {"limit": limit, "available": available, "used": used}
+
+
+def bad_record_report(bad: dict[str, BadRecords]) -> tuple[dict, list[str]]:
+    """data_stats.json's ``bad_records`` (under skip) and the log lines of what was left out."""
+    stats = {name: collector.to_dict() for name, collector in bad.items() if collector.skipping}
+    lines = [line for collector in bad.values() for line in collector.report_lines()]
+    return stats, lines
 
 
 def check_sft_flags(args: TrainArgs) -> None:
@@ -164,13 +174,29 @@ class Tokenized:
     from_cache: bool = True
 
 
-def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, data) -> Tokenized:
-    train_files, train_records, eval_files, eval_records = data
+def tokenize_sft(
+    args: TrainArgs, tokenizer: TextTokenizer, template: Template, data: LoadedData
+) -> Tokenized:
+    train_files, train_records, eval_files, eval_records = (
+        data.train_files,
+        data.train_records,
+        data.eval_files,
+        data.eval_records,
+    )
     cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
     workers = args.data.preprocessing_num_workers or 1
     max_len = args.data.max_seq_length
 
+    overwrite = overwrite_cache(args)
+
     def encode(records, files, name):
+        # A sample's records depend on --seed as well as on the files: its entry is its own.
+        sampled = data.sampled.get(name)
+        picked = (
+            f"-first{sampled['used']}-seed{args.training.seed}"
+            if sampled and sampled["used"] < sampled["available"]
+            else ""
+        )
         return encode_cached(
             records,
             files,
@@ -179,8 +205,9 @@ def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, 
             max_len,
             cache_dir,
             workers,
-            extra_key=f"{name}{len(records)}",
+            extra_key=f"{name}{len(records)}{picked}",
             train_on_turns=args.data.train_on_turns,
+            overwrite=overwrite,
         )
 
     train_set, train_stats, from_cache = encode(train_records, train_files, "train")
@@ -197,7 +224,27 @@ def tokenize_sft(args: TrainArgs, tokenizer: TextTokenizer, template: Template, 
             "to train on; raise --max_seq_length or shorten the prompts"
         )
     stats = {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()}
-    return Tokenized(train_set, eval_set, stats, reports, from_cache)
+    bad_stats, bad_lines = bad_record_report(data.bad)
+    if bad_stats:
+        stats["bad_records"] = bad_stats
+    if data.sampled:
+        stats["max_samples"] = data.sampled
+        reports += sample_report_lines(data.sampled, "records")
+    return Tokenized(train_set, eval_set, stats, bad_lines + reports, from_cache)
+
+
+def overwrite_cache(args: TrainArgs) -> bool:
+    """--overwrite_cache: the first process of each node tokenizes again; the others then read what
+    it wrote, as they do without the flag."""
+    return args.data.overwrite_cache and args.training.local_process_index == 0
+
+
+def sample_report_lines(sampled: dict[str, dict], unit: str) -> list[str]:
+    flags = {"train": "--max_train_samples", "eval": "--max_eval_samples"}
+    return [
+        f"{flags[name]} {s['limit']}: {name} on {s['used']} of the {s['available']} {unit}"
+        for name, s in sampled.items()
+    ]
 
 
 def find_pretrain_files(args: TrainArgs) -> tuple[list[Path], list[Path]]:
@@ -229,12 +276,22 @@ def tokenize_pretrain(args: TrainArgs, tokenizer: TextTokenizer, files, block_si
     train_files, eval_files = files
     cache_dir = args.data.data_cache_dir or DEFAULT_CACHE
     workers = args.data.preprocessing_num_workers or 1
-    train_set, train_stats, from_cache = build_blocks(train_files, tokenizer, block_size, cache_dir, workers)
+    data = args.data
+    bad = {"train": BadRecords(data.on_bad_records, data.max_bad_fraction)}
+    overwrite = overwrite_cache(args)
+    train_set, train_stats, from_cache = build_blocks(
+        train_files, tokenizer, block_size, cache_dir, workers, bad=bad["train"], overwrite=overwrite
+    )
+    bad["train"].check(train_stats.documents)
     reports = [train_stats.report("train data")]
     stats = {"train": asdict(train_stats)}
     eval_set = None
     if eval_files:
-        eval_set, eval_stats, _ = build_blocks(eval_files, tokenizer, block_size, cache_dir, workers)
+        bad["eval"] = BadRecords(data.on_bad_records, data.max_bad_fraction)
+        eval_set, eval_stats, _ = build_blocks(
+            eval_files, tokenizer, block_size, cache_dir, workers, bad=bad["eval"], overwrite=overwrite
+        )
+        bad["eval"].check(eval_stats.documents)
         reports.append(eval_stats.report("eval data"))
         stats["eval"] = asdict(eval_stats)
     elif args.training.do_eval or args.training.eval_strategy != "no":
@@ -246,7 +303,20 @@ def tokenize_pretrain(args: TrainArgs, tokenizer: TextTokenizer, files, block_si
             )
         reports.append(f"eval data: {len(eval_set)} of the {train_stats.blocks} blocks held out")
         stats["eval"] = {"blocks": len(eval_set), "held_out_of": train_stats.blocks}
-    return Tokenized(train_set, eval_set, stats, reports, from_cache)
+    sampled, seed = {}, args.training.seed
+    if data.max_train_samples is not None:
+        available, train_set = len(train_set), train_set.sample(data.max_train_samples, seed)
+        sampled["train"] = sample_stats(data.max_train_samples, available, len(train_set))
+    if data.max_eval_samples is not None and eval_set is not None:
+        available, eval_set = len(eval_set), eval_set.sample(data.max_eval_samples, seed)
+        sampled["eval"] = sample_stats(data.max_eval_samples, available, len(eval_set))
+    if sampled:
+        stats["max_samples"] = sampled
+        reports += sample_report_lines(sampled, "blocks")
+    bad_stats, bad_lines = bad_record_report(bad)
+    if bad_stats:
+        stats["bad_records"] = bad_stats
+    return Tokenized(train_set, eval_set, stats, bad_lines + reports, from_cache)
 
 
 def check_output_dir(args: TrainArgs) -> str | None:
@@ -306,14 +376,21 @@ def checkpoint_bytes(trainable_params: int, keep: int | None) -> int:
     return trainable_params * 4 * 4 * ((keep or 1) + 1)
 
 
-def plot_losses(log_history: list[dict], path: Path) -> None:
+def plot_losses(log_history: list[dict], path: Path) -> bool:
+    """Draw the logged train and eval losses into ``path``; no file when none was logged (returns
+    whether one was written)."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return False
+    # The run logs at INFO through the root logger; matplotlib's INFO lines (a font cache built on
+    # first use) are not the run's news.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4))
     for points, label in ((train, "train loss"), (evals, "eval loss")):
         if points:
@@ -325,6 +402,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def setup_logging(args: TrainArgs) -> None:
@@ -337,40 +415,69 @@ def setup_logging(args: TrainArgs) -> None:
 
 
 def train(
-    argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None, task: str = "sft"
+    argv: list[str] | TrainArgs,
+    callbacks: list[TrainerCallback] | None = None,
+    task: str = "sft",
+    normalized: bool = False,
 ) -> Path | None:
-    """Run one training; returns the output folder (sft_lora_model, pt_lora_model, ...; None for --dry_run)."""
+    """Run one training; returns the output folder (sft_lora_model, pt_lora_model, ...; None for
+    --dry_run). ``argv``: a command line (``normalized``: already through ``normalize_argv``), or
+    arguments already parsed for this machine."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}: one of {TASKS}")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        return run_training(argv, callbacks, task)
+        if isinstance(argv, TrainArgs):
+            args = argv
+        else:
+            args = parse_train_args(argv, Machine.detect(), normalized=normalized)
+        return run_training(args, callbacks, task)
     finally:
         # Parsing --deepspeed registers its config process-wide until garbage collection; a model
         # loaded later in this process (chat, merge, a second run) would otherwise be built under ZeRO-3.
         unset_hf_deepspeed_config()
 
 
-def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None, task: str) -> Path | None:
-    # 1. Arguments.
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = parse_for_this_machine(sys.argv[1:] if argv is None else argv)
-    setup_logging(args)
-    training = args.training
-    if training.label_names is None:
-        training.label_names = ["labels"]
-    if training.gradient_checkpointing and training.gradient_checkpointing_kwargs is None:
-        # Reentrant checkpointing needs an input that requires grad; with a frozen embedding it has
-        # none and backward fails ("element 0 of tensors does not require grad").
-        training.gradient_checkpointing_kwargs = {"use_reentrant": False}
+@dataclass
+class Inputs:
+    """What step 2 checked: the tokenizer, the template (None for plain text) and the data files."""
 
+    tokenizer: TextTokenizer
+    template: Template | None
+    files: tuple
+    resume_from: str | None
+
+
+def run_training(args: TrainArgs, callbacks: list[TrainerCallback] | None, task: str) -> Path | None:
+    # 1. Arguments: parsed once, resolved for this machine (train()).
+    setup_logging(args)
+    for line in ignored_flag_notices(args, task):
+        logger.info(line)
     check_training_mode(args)
-    if training.full_finetuning:
+    if args.training.full_finetuning:
         logger.warning(
             "--full_finetuning: every weight trains; the LoRA flags (--lora_rank, --lora_alpha, --lora_dropout, "
             "--trainable, --modules_to_save) are ignored"
         )
+    # 2. Tokenizer, template, data files, model folder and output folder: checked before any model is loaded.
+    inputs = check_inputs(args, task)
+    # 3. Tokenize: the main process encodes and caches, the others then read the cache.
+    data = tokenize(args, task, inputs)
+    if args.training.dry_run:
+        print(dry_run(args, task, inputs.tokenizer, data))
+        return None
+    # 4. Model and LoRA, with the speed-ups that fit.
+    fast = load_for_training(args, len(inputs.tokenizer))
+    # 5. Trainer.
+    run_args = describe_run(args, task, data, fast)
+    trainer, stop = make_trainer(args, task, inputs, data, fast, run_args, callbacks)
+    # 6. Train and evaluate.
+    fit(args, trainer, stop, inputs.resume_from, data)
+    # 7. Save the ready-to-merge LoRA (or, after full fine-tuning, the whole model), atomically.
+    return save(args, task, trainer, inputs, run_args)
 
-    # 2. Tokenizer, template and data: validated before any model is loaded.
+
+def check_inputs(args: TrainArgs, task: str) -> Inputs:
     tokenizer = TextTokenizer.load(args.model.tokenizer_name_or_path)
     if task == "pt":
         template = None  # plain text: no prompt, every token is trained
@@ -379,14 +486,14 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         check_sft_flags(args)
         template = load_template(args.data.prompt_template)
         if args.data.system_prompt is not None:
-            template = Template(**{**template.to_dict(), "system_prompt": args.data.system_prompt})
+            template = template.with_system_prompt(args.data.system_prompt)
         files = load_data(args, tokenizer, template)
     model_path = args.model.model_name_or_path
-    model_config = check_model_dir(model_path, "--model_name_or_path", need_weights=not training.dry_run)
+    model_config = check_model_dir(model_path, "--model_name_or_path", need_weights=not args.training.dry_run)
     check_vocab(model_vocab_size(model_path), len(tokenizer), model_path, args.model.tokenizer_name_or_path)
     if task == "pt":
         # A block is one sequence: everything sized by --max_seq_length (the memory plan, the fused
-        # head's chunks) is sized by the block.
+        # head's chunks) is sized by the block, whose default is the model's context.
         args.data.block_size = args.data.max_seq_length = pretrain_block_size(args, model_path, model_config)
     if args.lora.peft_path:
         check_adapter_dir(args.lora.peft_path, "--peft_path")
@@ -401,13 +508,16 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
             mismatches,
             len(PROBE_TEXTS),
         )
+    return Inputs(tokenizer, template, files, resume_from)
 
-    # 3. Tokenize: the main process encodes and caches, the others then read the cache.
+
+def tokenize(args: TrainArgs, task: str, inputs: Inputs) -> Tokenized:
+    training = args.training
     with training.main_process_first(desc="tokenizing"):
         if task == "pt":
-            data = tokenize_pretrain(args, tokenizer, files, args.data.block_size)
+            data = tokenize_pretrain(args, inputs.tokenizer, inputs.files, args.data.block_size)
         else:
-            data = tokenize_sft(args, tokenizer, template, files)
+            data = tokenize_sft(args, inputs.tokenizer, inputs.template, inputs.files)
     if training.local_process_index != 0 and not data.from_cache:
         logger.warning(
             "process %d tokenized the data itself: the cache its node's first process wrote was not there "
@@ -416,87 +526,117 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         )
     for line in data.reports:
         logger.info(line)
-    if training.dry_run:
-        # Every token of a block is a label; SFT labels only the answers.
-        labelled = (
-            data.train_set.num_tokens()
-            if task == "pt"
-            else int((data.train_set.labels != IGNORE_INDEX).sum())
-        )
-        print(dry_run_report(args, len(tokenizer), data.train_set.lengths(), labelled))
-        return None
+    return data
 
-    # 4. Model and LoRA, with the speed-ups that fit (seeded first: the LoRA A matrices are drawn
-    # from the global RNG).
-    transformers.set_seed(training.seed)
 
-    compute_dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
-    full = training.full_finetuning
+def dry_run(args: TrainArgs, task: str, tokenizer: TextTokenizer, data: Tokenized) -> str:
+    # Every token of a block is a label; SFT labels only the answers.
+    labelled = (
+        data.train_set.num_tokens() if task == "pt" else int((data.train_set.labels != IGNORE_INDEX).sum())
+    )
+    return dry_run_report(args, len(tokenizer), data.train_set.lengths(), labelled)
+
+
+def compute_dtype(args: TrainArgs) -> torch.dtype:
+    training = args.training
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+
+
+def load_for_training(args: TrainArgs, tokenizer_size: int):
+    """The base model with its LoRA (or made fully trainable), through the speed-ups that fit. Seeded
+    first: the LoRA A matrices are drawn from the global RNG."""
+    transformers.set_seed(args.training.seed)
+    training, dtype = args.training, compute_dtype(args)
 
     def build_model():
         model = load_base_model(
             args.model,
-            len(tokenizer),
+            tokenizer_size,
             resolve_dtype(args.model.torch_dtype),
-            compute_dtype,
+            dtype,
             # A continued adapter's own modules_to_save win, as its configuration does.
             keep_unquantised=read_adapter_config(args.lora.peft_path, "--peft_path").get("modules_to_save")
             if args.lora.peft_path
             else args.lora.modules_to_save_list,
         )
-        if full:
+        if training.full_finetuning:
             return make_fully_trainable(model)
         check_lora_args(model, args.lora)
         if args.model.load_in_kbits != 16:
             model = prepare_kbit(
-                model, training.gradient_checkpointing, training.gradient_checkpointing_kwargs, compute_dtype
+                model, training.gradient_checkpointing, training.gradient_checkpointing_kwargs, dtype
             )
         return attach_lora(model, args.lora)
 
     fast = speedups.apply(args, build_model)
-    model = fast.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in fast.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in fast.model.parameters())
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
+    return fast
 
-    # 5. Trainer.
-    out = Path(training.output_dir)
-    check_writable(out, checkpoint_bytes(trainable, training.save_total_limit) if training.do_train else 0)
-    if training.do_train and resume_from is None and training.process_index == 0:
-        set_aside_old_checkpoints(out)
+
+def effective_precision(args: TrainArgs, fast) -> str:
+    training = args.training
+    if not (training.bf16 or training.fp16):
+        return "float32"
+    dtype = "bfloat16" if training.bf16 else "float16"
+    if fast.autocast is not None:
+        return f"{dtype} autocast (llama-sft's)"
+    return f"{dtype} mixed precision (DeepSpeed)" if training.deepspeed else f"{dtype} autocast"
+
+
+def describe_run(args: TrainArgs, task: str, data: Tokenized, fast) -> dict:
+    """training_args.json: what was asked (``requested`` where this machine differs) and what ran."""
     described = args.to_dict()
     if task == "pt":
         for name in ("prompt_template", "system_prompt", "train_on_turns"):
             described["data"].pop(name, None)
-    run_args = {
+    training = args.training
+    return {
         "task": {"sft": "instruction tuning", "pt": "pre-training"}[task],
         **described,
+        "effective": {
+            "device": training.device.type,
+            "processes": training.world_size,
+            "cpu": args.machine.cpu if args.machine is not None and training.device.type == "cpu" else None,
+            "precision": effective_precision(args, fast),
+            "weights_dtype": args.model.torch_dtype or "float32",
+        },
         "data_stats": data.stats,
         "compute_dtype": fast.compute_dtype,
         "speedups": fast.report,
     }
+
+
+def make_trainer(args, task, inputs: Inputs, data: Tokenized, fast, run_args: dict, callbacks):
+    training = args.training
+    out = Path(training.output_dir)
+    trainable = sum(p.numel() for p in fast.model.parameters() if p.requires_grad)
+    check_writable(out, checkpoint_bytes(trainable, training.save_total_limit) if training.do_train else 0)
+    if training.do_train and inputs.resume_from is None and training.process_index == 0:
+        set_aside_old_checkpoints(out)
     # Rotation is ours (CheckpointCallback): it runs once a checkpoint is complete and spares the
     # checkpoint being resumed from.
     keep, training.save_total_limit = training.save_total_limit, None
     stop = StopCallback()
     trainer = SftTrainer(
-        model=model,
+        model=fast.model,
         args=training,
         train_dataset=data.train_set,
         eval_dataset=data.eval_set,
-        data_collator=PackingCollator() if args.data.packing else Collator(tokenizer.pad_id),
+        data_collator=PackingCollator() if args.data.packing else Collator(inputs.tokenizer.pad_id),
         callbacks=[
             *(callbacks or []),
             CheckpointCallback(
-                tokenizer,
-                template,
+                inputs.tokenizer,
+                inputs.template,
                 run_args,
                 training.save_safetensors,
                 keep,
-                resume_from,
-                full=full,
+                inputs.resume_from,
+                full=training.full_finetuning,
                 task=task,
             ),
             stop,
@@ -507,9 +647,15 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         loss=fast.loss,
         autocast=fast.autocast,
     )
+    return trainer, stop
+
+
+def fit(args: TrainArgs, trainer: SftTrainer, stop: StopCallback, resume_from: str | None, data) -> None:
+    training = args.training
     if training.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.stopped_at is not None:
+            out = Path(training.output_dir)
             raise TrainingStopped(
                 f"stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
                 f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume "
@@ -524,7 +670,10 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    # 6. Save the ready-to-merge LoRA (or, after full fine-tuning, the whole model), atomically.
+
+def save(args: TrainArgs, task: str, trainer: SftTrainer, inputs: Inputs, run_args: dict) -> Path:
+    training, full = args.training, args.training.full_finetuning
+    out = Path(training.output_dir)
     name = output_name(full, task)
     final_dir = out / name
     if training.do_train:
@@ -536,29 +685,14 @@ def run_training(argv: list[str] | None, callbacks: list[TrainerCallback] | None
                     if item.name != "training_args.bin":
                         shutil.move(str(item), staging / item.name)
                 if full:
-                    write_model_folder(staging, tokenizer, template, run_args)
+                    write_model_folder(staging, inputs.tokenizer, inputs.template, run_args)
                 else:
-                    write_lora_folder(staging, tokenizer, template, run_args, training.save_safetensors)
+                    write_lora_folder(
+                        staging, inputs.tokenizer, inputs.template, run_args, training.save_safetensors
+                    )
             shutil.rmtree(tmp, ignore_errors=True)
             plot_losses(trainer.state.log_history, out / "loss_curve.png")
             (out / "data_stats.json").write_text(json.dumps(run_args["data_stats"], indent=2) + "\n")
             logger.info("%s: %s", "model ready for chat" if full else "LoRA ready for merging", final_dir)
     trainer.accelerator.wait_for_everyone()
     return final_dir
-
-
-def main(argv: list[str] | None = None, callbacks: list | None = None, task: str = "sft") -> None:
-    """Command-line entry: input errors become one line on stderr and exit code 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = bool({"--debug", "--debug_errors"} & set(argv)) or os.environ.get("LLAMA_SFT_DEBUG") == "1"
-    try:
-        train(argv, callbacks, task)
-    except INPUT_ERRORS as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1 if isinstance(exc, TrainingStopped) else 2)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Without this, gloo/DeepSpeed runs sometimes abort at interpreter exit.
-            torch.distributed.destroy_process_group()

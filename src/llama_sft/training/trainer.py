@@ -11,19 +11,23 @@ micro-batches and all processes together, as transformers normalises with
    loss, labelled token count, outputs), which the trainer normalises; without it the model
    computes its own loss (transformers' ``ForCausalLMLoss``). ``autocast``, when given, is called
    as ``autocast(cache_enabled)`` for the context every forward runs in, in place of
-   accelerate's. The speed-ups (``llama_sft.speedups``) supply both; the trainer does not know
+   accelerate's (whose mixed precision is then "no"; ``TrainingArguments`` still say what runs,
+   e.g. ``bf16``). The speed-ups (``llama_sft.speedups``) supply both; the trainer does not know
    what they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
 from transformers import Trainer
 
 from ..data.encode import IGNORE_INDEX
 from ..data.packing import split_packed
+
+logger = logging.getLogger("llama_sft")
 
 
 class SftTrainer(Trainer):
@@ -35,14 +39,28 @@ class SftTrainer(Trainer):
         autocast: Callable | None = None,
         **kwargs,
     ):
+        if autocast is not None and not hasattr(Trainer, "_build_accelerator_args"):
+            # The hook that keeps accelerate from autocasting too is an internal of transformers.
+            logger.warning(
+                "own_autocast skipped: this transformers has no Trainer._build_accelerator_args; "
+                "accelerate's autocast runs instead"
+            )
+            autocast = None
+        # Read by _build_accelerator_args, which Trainer.__init__ calls.
+        self.own_autocast = autocast
         super().__init__(*args, **kwargs)
         self.max_tokens_per_pass = max_tokens_per_pass
         self.loss_component = loss
-        self.own_autocast = autocast
         if loss is not None:
             # compute_loss normalises by num_items_in_batch itself, so the Trainer must count it
             # and must not divide the loss again by the number of accumulation steps.
             self.model_accepts_loss_kwargs = True
+
+    def _build_accelerator_args(self, **kwargs):
+        settings = super()._build_accelerator_args(**kwargs)
+        if self.own_autocast is not None:
+            settings["mixed_precision"] = "no"  # our autocast replaces accelerate's
+        return settings
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         if self.own_autocast is None:
