@@ -64,6 +64,21 @@ class ModelSpec:
     # How the base folder is named in messages (serve's --model, train's --model_name_or_path).
     base_flag: str = "--base_model"
 
+    @classmethod
+    def from_flags(cls, args, base_model=None, base_flag: str = "--base_model") -> ModelSpec:
+        """From parsed flags of the same names (``options.add_model_flags``)."""
+        return cls(
+            base_model or args.base_model,
+            args.lora_model,
+            args.tokenizer_path,
+            args.prompt_template,
+            args.system_prompt,
+            args.device,
+            args.torch_dtype,
+            getattr(args, "load_in_kbits", 16),
+            base_flag,
+        )
+
 
 @dataclass
 class Loaded:

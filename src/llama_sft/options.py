@@ -109,6 +109,35 @@ def add_lora_model(parser: argparse.ArgumentParser, help: str, required: bool = 
     )
 
 
+def add_model_flags(parser: argparse.ArgumentParser, kbits: bool = False) -> None:
+    """The loader's flags besides the model folders (``loading.ModelSpec``), as chat and serve take them."""
+    add = parser.add_argument
+    add(
+        "--tokenizer_path", default=None, help="Tokenizer folder. Default: the last LoRA's, then the model's."
+    )
+    add(
+        "--prompt_template",
+        default=None,
+        help="Template name or JSON file. Default: template.json of the last LoRA, then the model's.",
+    )
+    add("--system_prompt", default=None, help="Replace the template's default system prompt.")
+    add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
+    add(
+        "--torch_dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Weights dtype. auto: float16 on a GPU, float32 on a CPU.",
+    )
+    if kbits:
+        add(
+            "--load_in_kbits",
+            type=int,
+            default=16,
+            choices=[4, 8, 16],
+            help="Load the base in 4 or 8 bits (bitsandbytes), the LoRA beside it unmerged; 16: as saved.",
+        )
+
+
 def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The one parse of a tool's flags, ``--config`` expanded first. A bad --config exits 2 with one line."""
     try:

@@ -48,15 +48,6 @@ def quiet_libraries() -> None:
         category=UserWarning,
         module=r"peft\.utils\.save_and_load",
     )
-    # DeepSpeed runs on a CPU are not given --use_cpu, which is what turns --dataloader_pin_memory
-    # off, so the DataLoader is asked to pin; torch skips pinning where there is no accelerator and
-    # says so for every DataLoader.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"'pin_memory' argument is set as true but no accelerator is found",
-        category=UserWarning,
-        module=r"torch\.utils\.data\.dataloader",
-    )
     # accelerate and transformers import DeepSpeed whenever it is installed (the Trainer, every
     # --deepspeed run), and DeepSpeed then announces on stdout that a CPU-only machine has no GPU.
     _drop("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator")

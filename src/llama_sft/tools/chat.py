@@ -44,7 +44,7 @@ from ..data.templates import Template, TemplateError, prompt_ids
 from ..data.text import TextCleaning, UnencodableText, clean_text
 from ..data.tokenizer import TextTokenizer, TokenizerError
 from ..loading import ModelSpec, load
-from ..options import ArgumentError, add_config, add_lora_model, parse_command
+from ..options import ArgumentError, add_config, add_lora_model, add_model_flags, parse_command
 
 logger = logging.getLogger(__name__)
 
@@ -377,15 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(parser)
     add("--base_model", required=True, help="Hugging Face model folder: the base, or a merged model.")
     add_lora_model(parser, "LoRA folder (sft_lora_model) to apply to --base_model.")
-    add(
-        "--tokenizer_path", default=None, help="Tokenizer folder. Default: the last LoRA's, then the model's."
-    )
-    add(
-        "--prompt_template",
-        default=None,
-        help="Template name or JSON file. Default: template.json saved with the LoRA/model, else alpaca.",
-    )
-    add("--system_prompt", default=None, help="Replace the template's system prompt (llama2-chat).")
+    add_model_flags(parser, kbits=True)
     add("--data_file", default=None, help="Batch mode: one instruction a line, or an Alpaca JSON/JSONL file.")
     add("--predictions_file", default="predictions.json", help="Batch mode: where the JSON answers go.")
     for option in fields(GenerationSettings):
@@ -397,20 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
             help=option.metadata["help"],
         )
     add("--max_context", type=int, default=None, help="Context length in tokens. Default: the model's.")
-    add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
-    add(
-        "--load_in_kbits",
-        type=int,
-        default=16,
-        choices=[4, 8, 16],
-        help="Load the base in 4 or 8 bits (bitsandbytes), the LoRA beside it unmerged; 16: as saved.",
-    )
-    add(
-        "--torch_dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="Weights dtype. auto: float16 on a GPU, float32 on a CPU.",
-    )
     add("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
     return parser
 
@@ -421,16 +399,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     settings = GenerationSettings(
         **{option.name: vars(args)[option.name] for option in fields(GenerationSettings)}
     )
-    spec = ModelSpec(
-        args.base_model,
-        args.lora_model,
-        args.tokenizer_path,
-        args.prompt_template,
-        args.system_prompt,
-        args.device,
-        args.torch_dtype,
-        args.load_in_kbits,
-    )
+    spec = ModelSpec.from_flags(args)
     try:
         if args.seed is not None:
             torch.manual_seed(args.seed)

@@ -96,8 +96,8 @@ def load_base_model(
     if tokenizer_size > rows:
         logger.warning(
             "resizing the model's embeddings from %d to %d rows to match the tokenizer; the new rows "
-            "start as the mean of the old ones and need training (put embed_tokens,lm_head in "
-            "--modules_to_save, or the merged model keeps them untrained)",
+            "start near the old rows' mean (drawn from their mean and covariance) and need training "
+            "(put embed_tokens,lm_head in --modules_to_save, or the merged model keeps them untrained)",
             rows,
             tokenizer_size,
         )

@@ -16,8 +16,10 @@ Choosing the dtype on a CPU).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -134,6 +136,9 @@ def resolve_for_machine(values: dict, machine: Machine) -> dict:
         changes["attn_implementation"] = "sdpa"
     if machine.cuda:
         return changes
+    if deepspeed and values.get("dataloader_pin_memory"):
+        # use_cpu turns pinning off, but DeepSpeed runs without it; there is no device to pin for.
+        changes["dataloader_pin_memory"] = False
     if deepspeed and machine.under_torchrun:
         changes["accelerator_config"] = {"use_configured_state": True}
         start_gloo(values)
@@ -187,4 +192,6 @@ def start_gloo(values: dict) -> None:
     from accelerate import PartialState
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo", timeout=timedelta(seconds=float(values.get("ddp_timeout") or 1800)))
+    # DeepSpeed prints a line to stdout as it builds its shared-memory op; nothing a user can act on.
+    with contextlib.redirect_stdout(io.StringIO()):
+        PartialState(backend="gloo", timeout=timedelta(seconds=float(values.get("ddp_timeout") or 1800)))

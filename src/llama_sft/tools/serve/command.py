@@ -13,7 +13,7 @@ from ...checks import ModelError
 from ...data.templates import TemplateError
 from ...data.tokenizer import TokenizerError
 from ...loading import ModelSpec, load
-from ...options import ArgumentError, add_config, add_lora_model, parse_command
+from ...options import ArgumentError, add_config, add_lora_model, add_model_flags, parse_command
 from ..chat import GenerationSettings
 from .app import create_app
 from .engine import Engine
@@ -48,15 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default=None, help="Merged or fully fine-tuned Hugging Face model folder.")
     add("--base_model", default=None, help="Base model folder, with --lora_model.")
     add_lora_model(parser, "LoRA folder(s) merged into --base_model.")
-    add(
-        "--tokenizer_path", default=None, help="Tokenizer folder. Default: the last LoRA's, then the model's."
-    )
-    add(
-        "--prompt_template",
-        default=None,
-        help="Template name or JSON file. Default: template.json beside it.",
-    )
-    add("--system_prompt", default=None, help="Replace the template's default system prompt.")
+    add_model_flags(parser)
     add("--served_model_name", default=None, help="Model id in the API. Default: the folder's name.")
     add("--host", default="127.0.0.1", help="Address to bind (default loopback only).")
     add("--port", type=int, default=8000, help="Port (default 8000).")
@@ -65,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_batch_size", type=int, default=8, help="Requests decoded together (default 8).")
     add("--max_model_len", type=int, default=None, help="Prompt plus answer tokens. Default: the model's.")
     add("--max_request_bytes", type=int, default=1_000_000, help="Largest request body accepted.")
-    add("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
-    add("--torch_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     for option in fields(GenerationSettings):
         if option.name == "do_sample":
             continue  # temperature 0 is greedy decoding
@@ -92,18 +82,8 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, ServerState]:
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     if args.max_batch_size < 1:
         raise ServeError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
-    loaded = load(
-        ModelSpec(
-            args.model or args.base_model,
-            args.lora_model,
-            args.tokenizer_path,
-            args.prompt_template,
-            args.system_prompt,
-            args.device,
-            args.torch_dtype,
-            base_flag="--model" if args.model else "--base_model",
-        )
-    )
+    base_flag = "--model" if args.model else "--base_model"
+    loaded = load(ModelSpec.from_flags(args, args.model, base_flag))
     model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = args.max_model_len or context
