@@ -25,6 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+# What libraries print that a user cannot act on; a normal run prints none of it.
+NOTICES = (
+    "FutureWarning",
+    "DeprecationWarning",
+    "UserWarning",
+    "Setting accelerator",
+    "No artists",
+    "Gradient accumulation steps mismatch",
+    "multivariate normal distribution",
+)
+
+
+def assert_quiet(result, what: str) -> None:
+    # DeepSpeed logs to stdout, Python's warnings go to stderr: both are read.
+    output = result.stdout + result.stderr
+    found = [notice for notice in NOTICES if notice in output]
+    assert not found, f"{what} printed {found}:\n{output[-4000:]}"
+
+
 def shared_path(relative: str) -> Path:
     path = SHARED / relative
     if not path.exists():

@@ -110,7 +110,9 @@ def test_fp16_on_a_cpu_becomes_bfloat16_only_where_bfloat16_is_native(monkeypatc
         assert t.to_dict()["requested"]["fp16"] is True and t.to_dict()["training"]["fp16"] is False
         with_ds = parse_train_args(base + ["--fp16", "--deepspeed", DS_CONFIG], cpu)
         assert not with_ds.training.fp16 and not with_ds.training.bf16 and not with_ds.training.use_cpu
-        assert with_ds.requested == {"fp16": True}
+        # DeepSpeed runs without use_cpu, so pinning (for a device there is not) is turned off here.
+        assert with_ds.requested == {"fp16": True, "dataloader_pin_memory": True}
+        assert not with_ds.training.dataloader_pin_memory
     gpu = Machine(cuda=True, cpu="Test CPU", bf16_fast=False, bf16_why="test", under_torchrun=False)
     on_gpu = parse_train_args(base + ["--fp16", "--torch_dtype", "float16"], gpu)
     assert on_gpu.requested == {} and on_gpu.model.torch_dtype == "float16"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train_argv, write_json
+from conftest import ROOT, assert_quiet, train_argv, write_json
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -43,6 +43,7 @@ def test_documented_command_with_deepspeed(model_dir, tokenizer_dir, data_dir, t
     result = torchrun(1, argv, tmp_path)
     assert "trainable params:" in result.stdout
     assert "float16 on a CPU runs ~100x slower" in result.stderr
+    assert_quiet(result, "run_clm_sft_with_peft.py --deepspeed")
 
     lora_dir = out / "sft_lora_model"
     config = json.loads((lora_dir / "adapter_config.json").read_text())

@@ -1,5 +1,6 @@
 """A normal run prints nothing on its libraries' behalf: no deprecations, no accelerator notices,
-no plotting warnings. Real commands in fresh interpreters, as a user starts them."""
+no plotting warnings. Real commands in fresh interpreters, as a user starts them (the documented
+DeepSpeed command is checked the same way in test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,11 @@ import sys
 import warnings
 
 import pytest
-from conftest import train_argv
-from test_distributed import DS_CONFIG, torchrun
+from conftest import assert_quiet, train_argv
 
 from llama_sft.quiet import quiet_libraries
 from llama_sft.tools.demo import make_model
 from llama_sft.training.run import plot_losses
-
-NOTICES = (
-    "FutureWarning",
-    "DeprecationWarning",
-    "UserWarning",
-    "Setting accelerator",
-    "No artists",
-    "Gradient accumulation steps mismatch",
-    "multivariate normal distribution",
-)
-
-
-def assert_quiet(result: subprocess.CompletedProcess, what: str) -> None:
-    # DeepSpeed logs to stdout, Python's warnings go to stderr: both are read.
-    output = result.stdout + result.stderr
-    found = [notice for notice in NOTICES if notice in output]
-    assert not found, f"{what} printed {found}:\n{output[-4000:]}"
 
 
 def llama_sft(*argv, cwd) -> subprocess.CompletedProcess:
@@ -68,16 +51,6 @@ def test_train_then_chat_print_no_library_notices(tokenizer, tokenizer_dir, data
     )  # fmt: skip
     assert_quiet(chat, "llama-sft chat")
     assert (tmp_path / "answers.json").is_file()
-
-
-@pytest.mark.slow
-def test_documented_deepspeed_command_prints_no_library_notices(model_dir, tokenizer_dir, data_dir, tmp_path):
-    argv = train_argv(
-        model_dir, tokenizer_dir, data_dir, tmp_path / "out", deepspeed=DS_CONFIG, fp16=True,
-        torch_dtype="float16", gradient_checkpointing=True, ddp_find_unused_parameters="False",
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, save_strategy="no",
-    )  # fmt: skip
-    assert_quiet(torchrun(1, argv, tmp_path), "run_clm_sft_with_peft.py --deepspeed")
 
 
 @pytest.mark.parametrize(
