@@ -4,6 +4,7 @@ DeepSpeed command is checked the same way in test_distributed.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -41,6 +42,13 @@ def test_train_then_chat_print_no_library_notices(tokenizer, tokenizer_dir, data
     )  # fmt: skip
     assert_quiet(llama_sft("train", *argv, cwd=tmp_path), "llama-sft train")
     assert (out / "loss_curve.png").is_file()
+    # The record says what was asked and what ran: --fp16 on a CPU is bfloat16 or float32.
+    record = json.loads((out / "sft_lora_model" / "training_args.json").read_text())
+    assert record["requested"]["fp16"] is True and record["training"]["fp16"] is False
+    assert record["requested"]["torch_dtype"] == "float16"
+    ran = "bfloat16 autocast (llama-sft's)" if record["training"]["bf16"] else "float32"
+    assert record["effective"]["precision"] == ran and record["effective"]["device"] == "cpu"
+    assert record["effective"]["weights_dtype"] == record["model"]["torch_dtype"] != "float16"
 
     # Loading the LoRA goes through PEFT's PeftModel, as training's get_peft_model does.
     (tmp_path / "questions.txt").write_text("Translate to Chinese: red\n", encoding="utf-8")
