@@ -60,6 +60,15 @@ def test_train_then_chat_print_no_library_notices(tokenizer, tokenizer_dir, data
     assert_quiet(chat, "llama-sft chat")
     assert (tmp_path / "answers.json").is_file()
 
+    gguf = tmp_path / "model.gguf"
+    export = llama_sft(
+        "export", "--base_model", model_dir, "--lora_model", out / "sft_lora_model", "--output_file", gguf,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_quiet(export, "llama-sft export")
+    # Only the file it wrote is named, not gguf's temporary one.
+    assert "gguf_writer" not in export.stderr and ".tmp-" not in export.stderr and gguf.is_file()
+
 
 @pytest.mark.parametrize(
     "history",

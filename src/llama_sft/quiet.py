@@ -48,6 +48,9 @@ def quiet_libraries() -> None:
         category=UserWarning,
         module=r"peft\.utils\.save_and_load",
     )
+    # gguf's writer announces its byte order and the temporary file export writes before renaming it
+    # into place; export logs the file it wrote itself.
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     # accelerate and transformers import DeepSpeed whenever it is installed (the Trainer, every
     # --deepspeed run), and DeepSpeed then announces on stdout that a CPU-only machine has no GPU.
     _drop("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator")
