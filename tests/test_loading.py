@@ -119,6 +119,9 @@ def test_template_order_system_prompt_and_pretraining_loras(folders, tmp_path, c
     (pretrained / "training_args.json").write_text(json.dumps({"task": "pre-training"}))
     (base / "template.json").unlink()
     assert load(ModelSpec(base, [pretrained]), with_model=False).template.name == "none"
+    # merge writes the template it resolves the same way, so chat on the merged model continues text too.
+    merged = merge_folders(base, [pretrained], output_dir=tmp_path / "merged")
+    assert json.loads((merged / "template.json").read_text())["name"] == "none"
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused_before_any_weight_is_read(folders, tmp_path):

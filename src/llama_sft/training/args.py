@@ -23,12 +23,39 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..options import ArgumentError, escaped
 from .flags import normalize_argv
+from .precision import resolve_for_machine
+
+# Why each flag of the original scripts that changes nothing here is accepted: its help text and the
+# one line a run logs when it is given (``ignored_flag_notices``).
+NO_EFFECT_WHY = {
+    "low_cpu_mem_usage": "transformers 5 always loads the weights with low CPU memory use",
+    "cache_dir": "nothing is downloaded: the model and tokenizer are local folders",
+    "model_revision": "nothing is downloaded: the model folder holds one revision",
+    "use_auth_token": "nothing is downloaded from the Hugging Face Hub",
+    "use_fast_tokenizer": (
+        "text is encoded by SentencePiece itself, as the model was trained, not by a fast or slow "
+        "transformers tokenizer"
+    ),
+    "config_name": "the model is built from the config.json of --model_name_or_path",
+    "config_overrides": (
+        "it changes a model trained from scratch; the model here is --model_name_or_path as it is"
+    ),
+    "keep_linebreaks": (
+        "each non-blank line of a .txt file is one document ended by EOS, so EOS marks the line break "
+        "(the original passed this to the datasets 'text' loader)"
+    ),
+    "streaming": (
+        "pre-training always streams the text files into a memory-mapped token cache, so memory stays "
+        "flat whatever the corpus size"
+    ),
+    "debug_mode": "for the full traceback of an input error, pass --debug_errors",
+}
 
 
-def no_effect(why: str, switch: bool = False):
+def no_effect(name: str, switch: bool = False):
     """A field for a flag of the original scripts that changes nothing here: accepted so their
     command lines run, None when not given. A ``switch`` may be given bare or with True/False."""
-    metadata = {"help": f"Accepted for the original scripts; no effect ({why})."}
+    metadata = {"help": f"Accepted for the original scripts; no effect ({NO_EFFECT_WHY[name]})."}
     if switch:
         metadata.update(nargs="?", const=True)
     return field(default=None, metadata=metadata)
@@ -79,13 +106,13 @@ class ModelArguments:
         metadata={"help": "4-bit: quantise the quantisation constants too (about 0.4 bits a weight less)."},
     )
     # The original scripts' Hugging Face Hub and loading flags, each announced as having no effect.
-    low_cpu_mem_usage: bool | None = no_effect("transformers 5 always loads with low CPU memory", switch=True)
-    cache_dir: str | None = no_effect("nothing is downloaded")
-    model_revision: str | None = no_effect("the model is a local folder")
-    use_auth_token: bool | None = no_effect("nothing is downloaded", switch=True)
-    use_fast_tokenizer: bool | None = no_effect("text is encoded by SentencePiece itself", switch=True)
-    config_name: str | None = no_effect("the model folder's config.json is used")
-    config_overrides: str | None = no_effect("it applies to a model trained from scratch")
+    low_cpu_mem_usage: bool | None = no_effect("low_cpu_mem_usage", switch=True)
+    cache_dir: str | None = no_effect("cache_dir")
+    model_revision: str | None = no_effect("model_revision")
+    use_auth_token: bool | None = no_effect("use_auth_token", switch=True)
+    use_fast_tokenizer: bool | None = no_effect("use_fast_tokenizer", switch=True)
+    config_name: str | None = no_effect("config_name")
+    config_overrides: str | None = no_effect("config_overrides")
 
 
 @dataclass
@@ -136,10 +163,8 @@ class DataArguments:
             "help": "Evaluate on this many records (pre-training: blocks), chosen as --max_train_samples."
         },
     )
-    keep_linebreaks: bool | None = no_effect(
-        "each line of a .txt file is a document ended by EOS", switch=True
-    )
-    streaming: bool | None = no_effect("pre-training text is always streamed from disk", switch=True)
+    keep_linebreaks: bool | None = no_effect("keep_linebreaks", switch=True)
+    streaming: bool | None = no_effect("streaming", switch=True)
     data_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -298,7 +323,7 @@ class SftTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Show the full traceback of an input error instead of the one-line message."},
     )
-    debug_mode: bool | None = no_effect("--debug_errors shows an input error's traceback", switch=True)
+    debug_mode: bool | None = no_effect("debug_mode", switch=True)
 
 
 @dataclass
@@ -395,8 +420,6 @@ def parse_train_args(argv: list[str], machine=None, normalized: bool = False) ->
     check_deepspeed_config(values["deepspeed"])
     requested = {}
     if machine is not None:
-        from .precision import resolve_for_machine
-
         changes = resolve_for_machine(values, machine)
         requested = {name: values[name] for name in changes}
         values.update(changes)
@@ -421,38 +444,12 @@ def parse_train_args(argv: list[str], machine=None, normalized: bool = False) ->
     return TrainArgs(model, data, lora, training, requested, machine)
 
 
-# Why each flag of the original scripts accepted by ``no_effect`` changes nothing here: (group, flag,
-# why). The pre-training text flags say something else under instruction tuning (see below).
-NO_EFFECT = (
-    ("model", "low_cpu_mem_usage", "transformers 5 always loads the weights with low CPU memory use"),
-    ("model", "cache_dir", "nothing is downloaded: the model and tokenizer are local folders"),
-    ("model", "model_revision", "nothing is downloaded: the model folder holds one revision"),
-    ("model", "use_auth_token", "nothing is downloaded from the Hugging Face Hub"),
-    (
-        "model",
-        "use_fast_tokenizer",
-        "text is encoded by SentencePiece itself, as the model was trained, not by a fast or slow "
-        "transformers tokenizer",
-    ),
-    ("model", "config_name", "the model is built from the config.json of --model_name_or_path"),
-    (
-        "model",
-        "config_overrides",
-        "it changes a model trained from scratch; the model here is --model_name_or_path as it is",
-    ),
-    (
-        "data",
-        "keep_linebreaks",
-        "each non-blank line of a .txt file is one document ended by EOS, so EOS marks the line "
-        "break (the original passed this to the datasets 'text' loader)",
-    ),
-    (
-        "data",
-        "streaming",
-        "pre-training always streams the text files into a memory-mapped token cache, so memory "
-        "stays flat whatever the corpus size",
-    ),
-    ("training", "debug_mode", "for the full traceback of an input error, pass --debug_errors"),
+# (TrainArgs group, flag, why), in the order the groups declare them.
+NO_EFFECT = tuple(
+    (group, f.name, NO_EFFECT_WHY[f.name])
+    for group, cls in zip(("model", "data", "lora", "training"), GROUPS, strict=True)
+    for f in fields(cls)
+    if f.name in NO_EFFECT_WHY
 )
 SFT_NO_EFFECT = {
     "keep_linebreaks": "it is a pre-training option; line breaks inside records are kept as written",
