@@ -7,4 +7,6 @@ encode.py     record -> input_ids + labels (the one place labels are masked), ca
 collate.py    examples -> right-padded batch tensors
 packing.py    examples -> one packed row without padding, position ids restarting per record
 pretrain.py   plain-text .txt/.jsonl documents -> EOS-joined blocks for pre-training, memory-mapped cache
+preference.py preference files (chosen/rejected) -> prompt/chosen/rejected ids in SFT's layout -> pair
+              batches
 """

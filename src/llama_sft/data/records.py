@@ -72,6 +72,10 @@ REASONS = (
     "turns out of order",  # two user or two assistant turns in a row
     "no assistant turn",
     "no text field",  # a pre-training JSON line without a "text" string
+    # Preference pairs (preference.py):
+    "ends with assistant turn",  # a prompt must end with the user turn that both answers answer
+    "same answers",  # 'chosen' and 'rejected' give the same tokens
+    "prompt fills max_seq_length",  # no room left for even one answer token
 )
 
 
@@ -295,7 +299,7 @@ def _read_text(path: Path) -> str:
 
 
 # Stands for a JSON line that was skipped, so later records keep the index the file gives them.
-_SKIPPED = object()
+SKIPPED = object()
 
 
 def _parse_lines(path: Path, text: str, bad: BadRecords) -> list[object]:
@@ -311,7 +315,7 @@ def _parse_lines(path: Path, text: str, bad: BadRecords) -> list[object]:
                 "invalid JSON",
                 f"{path}, line {number}: invalid JSON ({exc.msg}); fix or remove that line",
             )
-            items.append(_SKIPPED)
+            items.append(SKIPPED)
     return items
 
 
@@ -344,17 +348,18 @@ def _read_items(path: Path, bad: BadRecords) -> list[object]:
     return items
 
 
-def _file_format(items: list[object], skipping: bool) -> tuple[str, int]:
-    """The file's format and the index of the record that sets it. Stopping, that is record 0;
-    skipping, the format most objects have, so one damaged record cannot condemn all the others."""
+def file_format(items: list[object], skipping: bool, format_of=record_format) -> tuple[str, int]:
+    """The file's format (``format_of`` a record) and the index of the record that sets it. Stopping,
+    that is record 0; skipping, the format most objects have, so one damaged record cannot condemn
+    all the others."""
     if not skipping or not items:
-        return (record_format(items[0]) if items else "alpaca"), 0
+        return (format_of(items[0]) if items else "alpaca"), 0
     votes: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         if isinstance(item, dict):
-            votes.setdefault(record_format(item), []).append(index)
+            votes.setdefault(format_of(item), []).append(index)
     if not votes:
-        first = next((i for i, item in enumerate(items) if item is not _SKIPPED), 0)
+        first = next((i for i, item in enumerate(items) if item is not SKIPPED), 0)
         return "alpaca", first
     kind = max(votes, key=lambda name: (len(votes[name]), -votes[name][0]))
     return kind, votes[kind][0]
@@ -366,10 +371,10 @@ def load_records(path: str | Path, bad: BadRecords | None = None) -> list[Record
     return [record for _, record in load_numbered(path, bad)]
 
 
-def load_numbered(path: str | Path, bad: BadRecords | None = None) -> list[tuple[int, Record]]:
-    """As ``load_records``, each record with its index in the file (skipped records keep theirs)."""
-    path = Path(path)
-    bad = bad if bad is not None else BadRecords()
+def read_items(path: Path, bad: BadRecords) -> list[object]:
+    """The parsed JSON records of one data file, for every reader of record files: a JSON Lines line
+    that does not parse is counted by ``bad`` and stands as ``SKIPPED``, so later records keep their
+    index; a file that holds no records is counted and gives []."""
     try:
         items = _read_items(path, bad)
     except RecordError as exc:
@@ -377,12 +382,21 @@ def load_numbered(path: str | Path, bad: BadRecords | None = None) -> list[tuple
         return []
     if not items:
         bad.add(path, "empty file", f"{path}: the file holds no records")
+    return items
+
+
+def load_numbered(path: str | Path, bad: BadRecords | None = None) -> list[tuple[int, Record]]:
+    """As ``load_records``, each record with its index in the file (skipped records keep theirs)."""
+    path = Path(path)
+    bad = bad if bad is not None else BadRecords()
+    items = read_items(path, bad)
+    if not items:
         return []
     cleaning = TextCleaning(str(path))
-    kind, first = _file_format(items, bad.skipping)
+    kind, first = file_format(items, bad.skipping)
     records, unanswered = [], 0
     for index, item in enumerate(items):
-        if item is _SKIPPED:
+        if item is SKIPPED:
             continue
         where = f"{path}, record {index}"
         try:
@@ -394,7 +408,7 @@ def load_numbered(path: str | Path, bad: BadRecords | None = None) -> list[tuple
                     "mixed formats",
                 )
             if kind == "alpaca":
-                record = _to_record(item, path, index, cleaning)
+                record = alpaca_record(item, path, index, cleaning)
             else:
                 system, messages = read_messages(item, kind, where, cleaning, index)
                 record = conversation_record(system, messages, where)
@@ -418,7 +432,7 @@ def read_messages(
     """A ShareGPT or messages record as ``(system prompt or None, [(role, text), ...])`` with roles
     ``user``/``assistant`` in order from a user turn; the last turn may be either."""
     key, role_key, text_key = FORMATS[kind]
-    _check_object(item, where, f"an object with {key!r}")
+    check_object(item, where, f"an object with {key!r}")
     turns = item[key]
     if not isinstance(turns, list) or not turns:
         raise RecordError(
@@ -427,11 +441,11 @@ def read_messages(
         )
     system = None
     if kind == "sharegpt" and item.get("system") is not None:
-        system = _text(item["system"], f"{where}: 'system'", cleaning, index)
+        system = record_text(item["system"], f"{where}: 'system'", cleaning, index)
     messages: list[tuple[str, str]] = []
     for number, turn in enumerate(turns):
         at = f"{where}, turn {number}"
-        _check_object(turn, at, f"an object with {role_key!r} and {text_key!r}")
+        check_object(turn, at, f"an object with {role_key!r} and {text_key!r}")
         name = turn.get(role_key)
         role = ROLES[kind].get(name) if isinstance(name, str) else None
         if role is None:
@@ -439,7 +453,9 @@ def read_messages(
                 f"{at}: unknown {role_key!r} {str(name)[:40]!r}; use one of {', '.join(ROLES[kind])}",
                 "unknown role",
             )
-        text = _text(turn.get(text_key), f"{at}: {text_key!r}", cleaning, index, missing=text_key not in turn)
+        text = record_text(
+            turn.get(text_key), f"{at}: {text_key!r}", cleaning, index, missing=text_key not in turn
+        )
         if role == "system":
             if number != 0:
                 raise RecordError(
@@ -486,7 +502,7 @@ def conversation_record(system: str | None, messages: list[tuple[str, str]], whe
     return Record(texts[-2], "", texts[-1], system, history, unanswered)
 
 
-def _check_object(item: object, where: str, expected: str) -> None:
+def check_object(item: object, where: str, expected: str) -> None:
     if not isinstance(item, dict):
         raise RecordError(f"{where}: expected {expected}, found {type(item).__name__}", "not an object")
     if isinstance(item, _Object) and item.duplicated:
@@ -497,7 +513,7 @@ def _check_object(item: object, where: str, expected: str) -> None:
         )
 
 
-def _text(value: object, where: str, cleaning: TextCleaning, index: int, missing: bool = False) -> str:
+def record_text(value: object, where: str, cleaning: TextCleaning, index: int, missing: bool = False) -> str:
     """One text of a conversation: a non-empty string, cleaned by the policy of ``text``."""
     if not isinstance(value, str):
         found = "missing" if missing else f"a {type(value).__name__}" if value is not None else "null"
@@ -512,19 +528,22 @@ def _text(value: object, where: str, cleaning: TextCleaning, index: int, missing
     return text
 
 
-def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> Record:
+def alpaca_record(
+    item: object, path: Path, index: int, cleaning: TextCleaning, output: str | None = None
+) -> Record:
+    """An Alpaca record. ``output`` is the answer when the caller read it itself (a preference
+    record holds 'chosen' and 'rejected' instead of 'output')."""
     where = f"{path}, record {index}"
-    _check_object(item, where, "an object with instruction/input/output")
-    values = {}
-    for key in ("instruction", "input", "output"):
+    check_object(item, where, "an object with instruction/input/output")
+    values = {} if output is None else {"output": output}
+    needed = "'instruction' and 'output' strings" if output is None else "an 'instruction' string"
+    for key in ("instruction", "input", "output")[: 3 if output is None else 2]:
         value = item.get(key)
         if value is None and key == "input":
             value = ""
         if value is None:
             problem = f"{key!r} is null" if key in item else f"missing {key!r}"
-            raise RecordError(
-                f"{where}: {problem}; every record needs 'instruction' and 'output' strings", "missing field"
-            )
+            raise RecordError(f"{where}: {problem}; every record needs {needed}", "missing field")
         if not isinstance(value, str):
             raise RecordError(
                 f"{where}: {key!r} must be a string, found {type(value).__name__}", "not a string"
@@ -539,7 +558,7 @@ def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> 
         )
     system = None
     if item.get("system") is not None:
-        system = _text(item["system"], f"{where}: 'system'", cleaning, index)
+        system = record_text(item["system"], f"{where}: 'system'", cleaning, index)
     history = item.get("history")
     pairs = []
     if history is not None:
@@ -556,7 +575,7 @@ def _to_record(item: object, path: Path, index: int, cleaning: TextCleaning) -> 
                 )
             pairs.append(
                 tuple(
-                    _text(text, f"{at}: the {side} text", cleaning, index)
+                    record_text(text, f"{at}: the {side} text", cleaning, index)
                     for side, text in zip(("user", "assistant"), pair, strict=True)
                 )
             )

@@ -11,6 +11,9 @@ dropped record has empty lists). Bad input stops with one line and exit code 2, 
 ``--on_bad_records skip [--max_bad_fraction F]`` leaves bad records out as training does
 (``records.BadRecords``): every file is read to count them, the examples shown are the first K kept
 records (with their index in the file), and the counts and a few examples per reason go to stderr.
+A preference file (``llama-sft dpo`` data, ``data.preference``) is shown pair by pair: the prompt,
+then the chosen and the rejected answer marked as trained; its JSON line is ``{"file", "index",
+"status", "prompt", "chosen", "rejected"}`` with the ids of ``preference.load_pairs``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..data.encode import IGNORE_INDEX, TRAIN_ON_TURNS, check_template_fits, encode_records
+from ..data.preference import is_preference_file, load_numbered_pairs
 from ..data.records import POLICIES, BadRecords, DataError, find_data_files, load_numbered
 from ..data.templates import Template, TemplateError
 from ..data.tokenizer import TextTokenizer, TokenizerError
@@ -75,6 +79,16 @@ def preview(
     skipping = bad is not None and bad.skipping
     examples, kept = [], 0
     for path in find_data_files(dataset_dir):
+        if is_preference_file(path):
+            pairs = load_numbered_pairs(path, tokenizer, template, max_seq_length, bad)
+            kept += len(pairs)
+            for index, pair in pairs[: num_records - len(examples)]:
+                status = "truncated" if pair.truncated else "whole"
+                sides = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+                examples.append({"file": str(path), "index": index, "status": status, **sides})
+            if len(examples) == num_records and not skipping:
+                return examples
+            continue
         numbered = load_numbered(path, bad)
         kept += len(numbered)
         for index, record in numbered:
@@ -112,6 +126,8 @@ def token_text(tokenizer: TextTokenizer, ids: list[int], at_start: bool = True) 
 
 
 def show(tokenizer: TextTokenizer, example: dict, colour: bool) -> str:
+    if "prompt" in example:
+        return show_pair(tokenizer, example, colour)
     ids, labels = example["input_ids"], example["labels"]
     trained = sum(label != IGNORE_INDEX for label in labels)
     head = (
@@ -128,6 +144,22 @@ def show(tokenizer: TextTokenizer, example: dict, colour: bool) -> str:
             body += text if labels[start] == IGNORE_INDEX else f"{opened}{text}{closed}"
             start = position
     return f"{head}\n{body}\n"
+
+
+def show_pair(tokenizer: TextTokenizer, example: dict, colour: bool) -> str:
+    """A preference pair: its prompt (masked), then each answer (trained) as it follows the prompt."""
+    prompt = example["prompt"]
+    opened, closed = (GREEN, RESET) if colour else ("[[", "]]")
+    lines = [
+        f"=== {example['file']}, record {example['index']}: pair {example['status']}, prompt "
+        f"{len(prompt)} tokens, chosen {len(example['chosen'])} trained, rejected "
+        f"{len(example['rejected'])} trained",
+        f"prompt: {token_text(tokenizer, prompt)}",
+    ]
+    after_bos = not prompt or prompt[-1] == tokenizer.bos_id
+    for side in ("chosen", "rejected"):
+        lines.append(f"{side}: {opened}{token_text(tokenizer, example[side], after_bos)}{closed}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str], stdout=None) -> None:
