@@ -34,6 +34,7 @@ NOTICES = (
     "No artists",
     "Gradient accumulation steps mismatch",
     "multivariate normal distribution",
+    "Loading weights",  # transformers' bar, kept for a terminal only
 )
 
 

@@ -14,7 +14,8 @@ One package per stage; imports run down this list, never up it:
                     (``speedups.prepare_process`` before PyTorch starts, ``speedups.apply`` for the
                     model) and runs the same without it
     tools/          what reads a trained model: merge and export (weights.py: streamed readers and
-                    the LoRA arithmetic), chat, serve/ (engine, protocol, app, command), preview,
+                    the LoRA arithmetic), chat, serve/ (engine, protocol, app, command), evaluate/
+                    (eval: multiple-choice benchmarks, perplexity, generation), preview,
                     merge-tokenizer, demo
     cli.py          the ``llama-sft`` subcommands; the only reader of ``sys.argv``
 """

@@ -20,6 +20,12 @@ def cmd_pretrain(argv: list[str]) -> None:
     main(argv, task="pt")
 
 
+def cmd_dpo(argv: list[str]) -> None:
+    from .training.command_line import main
+
+    main(argv, task="dpo")
+
+
 def cmd_demo(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="llama-sft demo", description="Train a tiny model on generated data."
@@ -62,6 +68,12 @@ def cmd_chat(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_eval(argv: list[str]) -> None:
+    from .tools.evaluate import main
+
+    main(argv)
+
+
 def cmd_preview(argv: list[str]) -> None:
     from .tools.preview import main
 
@@ -77,12 +89,14 @@ def cmd_serve(argv: list[str]) -> None:
 COMMANDS = {
     "train": cmd_train,
     "pretrain": cmd_pretrain,
+    "dpo": cmd_dpo,
     "demo": cmd_demo,
     "merge": cmd_merge,
     "merge-tokenizer": cmd_merge_tokenizer,
     "export": cmd_export,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "eval": cmd_eval,
     "preview": cmd_preview,
 }
 

@@ -42,6 +42,7 @@ from .checks import (
 )
 from .data.templates import TEMPLATE_FILE, Template, load_template
 from .data.tokenizer import TextTokenizer, TokenizerError
+from .quiet import loading_bar_on_terminal_only
 
 logger = logging.getLogger("llama_sft")
 
@@ -185,6 +186,7 @@ def load_model(
         extra["quantization_config"] = quantization_config(load_in_kbits, compute, list(keep))
         if device.type == "cuda":  # quantised weights are placed when loaded and cannot move
             extra["device_map"] = {"": device}
+    loading_bar_on_terminal_only()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, **extra)
     except (OSError, ValueError, ImportError) as exc:

@@ -65,3 +65,14 @@ def quiet_libraries() -> None:
     # config's "auto" is filled with --gradient_accumulation_steps; accelerate reports the
     # difference and uses that value, which is the one asked for.
     _drop("accelerate.accelerator", "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,")
+
+
+def loading_bar_on_terminal_only() -> None:
+    """transformers draws a "Loading weights" bar with carriage returns; in a redirected log (a
+    script, CI, ``nohup``) those frames are noise, so the bar is kept for a terminal only."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from ..checks import ModelError, first_line, model_vocab_size, read_adapter_config
 from ..loading import KBITS, quantization_config
+from ..quiet import loading_bar_on_terminal_only
 from .args import ArgumentError, LoraArguments, ModelArguments, zero_stage
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def load_base_model(
         extra["quantization_config"] = quantization
         if torch.cuda.is_available():  # quantised weights are placed when loaded; they cannot move later
             extra["device_map"] = {"": torch.cuda.current_device()}
+    loading_bar_on_terminal_only()
     # transformers' sdpa attention keeps the records of a packed row apart by their position_ids.
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path,
