@@ -323,6 +323,34 @@ class SftTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Show the full traceback of an input error instead of the one-line message."},
     )
+    # Preference training (llama-sft dpo); None: not given, and refused by the other tasks.
+    pref_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "dpo: the preference loss: sigmoid (DPO, the default), ipo, orpo or simpo (orpo and simpo "
+            "need no reference model).",
+            "choices": ["sigmoid", "ipo", "orpo", "simpo"],
+        },
+    )
+    pref_beta: float | None = field(
+        default=None,
+        metadata={"help": "dpo: beta, how far the policy may move from the reference (default 0.1)."},
+    )
+    simpo_gamma: float | None = field(
+        default=None,
+        metadata={"help": "dpo --pref_loss simpo: the target reward margin gamma (default 0.5)."},
+    )
+    label_smoothing: float | None = field(
+        default=None,
+        metadata={
+            "help": "dpo --pref_loss sigmoid/simpo: the probability that a pair's preference is flipped "
+            "(conservative DPO; default 0)."
+        },
+    )
+    pref_ftx: float | None = field(
+        default=None,
+        metadata={"help": "dpo: weight of an SFT loss on the chosen answers added to the loss (default 0)."},
+    )
     debug_mode: bool | None = no_effect("debug_mode", switch=True)
 
 

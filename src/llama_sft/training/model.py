@@ -183,6 +183,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
                 f"{lora.peft_path}: the adapter does not fit this base model ({first_line(exc)}); "
                 "was it trained on another base or vocabulary size?"
             ) from None
+        # The adapter records the base path it was trained from, often relative to another folder;
+        # PEFT looks for that base's config when saving and warns when it is not there. This run's
+        # base is the one that is true now.
+        model.peft_config["default"].base_model_name_or_path = model.get_base_model().config.name_or_path
     else:
         config = LoraConfig(
             task_type=TaskType.CAUSAL_LM,

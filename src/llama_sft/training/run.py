@@ -2,10 +2,12 @@
 
 Instruction tuning (``task="sft"``) and continued pre-training (``task="pt"``) are one run that
 differs only in its data: Alpaca records and conversations rendered through a template, or plain
-text cut into blocks where every token is labelled. The entry points all land here:
-``scripts/training/run_clm_sft_with_peft.py`` and ``run_clm_pt_with_peft.py`` (under torchrun, with
-or without DeepSpeed), ``llama-sft train`` and ``llama-sft pretrain``. One code path serves 1 or N processes; the
-distributed set-up comes from torchrun's environment through the Trainer.
+text cut into blocks where every token is labelled. Preference training (``task="dpo"``) is the
+same run on chosen/rejected pairs with its own loss and trainer (``preference.py``). The entry
+points all land here: ``scripts/training/run_clm_sft_with_peft.py`` and ``run_clm_pt_with_peft.py``
+(under torchrun, with or without DeepSpeed), ``llama-sft train``, ``llama-sft pretrain`` and
+``llama-sft dpo``. One code path serves 1 or N processes; the distributed set-up comes from
+torchrun's environment through the Trainer.
 
 Everything a user can get wrong (data, template, tokenizer, model folder, LoRA flags, output
 folder) is checked before ``output_dir`` is touched. The command-line entry is
@@ -40,6 +42,7 @@ from ..checks import (
 from ..data.collate import Collator
 from ..data.encode import IGNORE_INDEX, EncodeStats, check_template_fits, encode_cached
 from ..data.packing import PackingCollator
+from ..data.preference import load_pair_dir, load_pairs
 from ..data.pretrain import build_blocks, check_block_size, find_text_files
 from ..data.records import BadRecords, DataError, Record, find_data_files, load_records
 from ..data.templates import Template, TemplateError, load_template
@@ -63,6 +66,14 @@ from .model import (
 )
 from .planner import dry_run_report
 from .precision import Machine
+from .preference import (
+    PairCollator,
+    PairSet,
+    PreferenceTrainer,
+    attach_reference,
+    check_preference_flags,
+    preference_options,
+)
 from .saving import TASKS, atomic_dir, output_name, write_lora_folder, write_model_folder
 from .trainer import SftTrainer
 
@@ -110,6 +121,46 @@ def load_data(args: TrainArgs, tokenizer: TextTokenizer, template: Template) -> 
     return LoadedData(train_files, train_records, eval_files, eval_records, bad, sampled)
 
 
+def load_pair_data(args: TrainArgs, tokenizer: TextTokenizer, template: Template) -> LoadedData:
+    """``load_data`` for preference pairs: read, check and tokenize every pair file, hold out the
+    validation share, sample; bad pairs follow --on_bad_records as bad records do."""
+    data, max_len = args.data, args.data.max_seq_length
+    if args.training.do_train and data.dataset_dir is None:
+        raise ArgumentError(
+            "--dataset_dir is required with --do_train: a folder of preference files (chosen/rejected pairs)"
+        )
+    check_template_fits(template, tokenizer, max_len)
+    bad = {"train": BadRecords(data.on_bad_records, data.max_bad_fraction)}
+    train_files, train_pairs, stats = [], [], {}
+    if data.dataset_dir:
+        train_files = [Path(data.dataset_dir)]
+        train_pairs, stats["train"] = load_pair_dir(
+            data.dataset_dir, tokenizer, template, max_len, bad["train"]
+        )
+        bad["train"].check(len(train_pairs))
+    eval_files, eval_pairs = [], []
+    if data.validation_file:
+        eval_files = [Path(data.validation_file)]
+        bad["eval"] = BadRecords(data.on_bad_records, data.max_bad_fraction)
+        eval_pairs, stats["eval"] = load_pairs(
+            data.validation_file, tokenizer, template, max_len, bad["eval"]
+        )
+        bad["eval"].check(len(eval_pairs))
+    elif args.training.do_eval or args.training.eval_strategy != "no":
+        train_pairs, eval_pairs = split_records(train_pairs, data.validation_split_percentage)
+        if not eval_pairs:
+            raise ArgumentError(
+                "evaluation is asked for (--do_eval / --evaluation_strategy) but there is no validation data: "
+                "give --validation_file, or a --validation_split_percentage above 0"
+            )
+    seed, sampled = args.training.seed, {}
+    if data.max_train_samples is not None:
+        train_pairs, sampled["train"] = sample_records(train_pairs, data.max_train_samples, seed)
+    if data.max_eval_samples is not None and eval_pairs:
+        eval_pairs, sampled["eval"] = sample_records(eval_pairs, data.max_eval_samples, seed)
+    return LoadedData(train_files, train_pairs, eval_files, eval_pairs, bad, sampled, stats)
+
+
 @dataclass
 class LoadedData:
     train_files: list[Path]
@@ -119,6 +170,8 @@ class LoadedData:
     bad: dict[str, BadRecords]
     # --max_train_samples / --max_eval_samples: data_stats.json's "max_samples" ("train", "eval").
     sampled: dict[str, dict] = field(default_factory=dict)
+    # Preference runs: what loading the pairs counted, per split.
+    pair_stats: dict = field(default_factory=dict)
 
 
 def sample_records(records: list[Record], count: int, seed: int) -> tuple[list[Record], dict]:
@@ -231,6 +284,20 @@ def tokenize_sft(
         stats["max_samples"] = data.sampled
         reports += sample_report_lines(data.sampled, "records")
     return Tokenized(train_set, eval_set, stats, bad_lines + reports, from_cache)
+
+
+def pair_sets(data: LoadedData) -> Tokenized:
+    """The pairs arrive tokenized: the datasets, with what loading them counted."""
+    stats = {name: value.to_dict() for name, value in data.pair_stats.items()}
+    bad_stats, bad_lines = bad_record_report(data.bad)
+    if bad_stats:
+        stats["bad_records"] = bad_stats
+    reports = [value.report(f"{name} data") for name, value in data.pair_stats.items()]
+    if data.sampled:
+        stats["max_samples"] = data.sampled
+        reports += sample_report_lines(data.sampled, "pairs")
+    eval_set = PairSet(data.eval_records) if data.eval_records else None
+    return Tokenized(PairSet(data.train_records), eval_set, stats, bad_lines + reports)
 
 
 def overwrite_cache(args: TrainArgs) -> bool:
@@ -478,6 +545,7 @@ def run_training(args: TrainArgs, callbacks: list[TrainerCallback] | None, task:
 
 
 def check_inputs(args: TrainArgs, task: str) -> Inputs:
+    check_preference_flags(args, task)
     tokenizer = TextTokenizer.load(args.model.tokenizer_name_or_path)
     if task == "pt":
         template = None  # plain text: no prompt, every token is trained
@@ -487,7 +555,7 @@ def check_inputs(args: TrainArgs, task: str) -> Inputs:
         template = load_template(args.data.prompt_template)
         if args.data.system_prompt is not None:
             template = template.with_system_prompt(args.data.system_prompt)
-        files = load_data(args, tokenizer, template)
+        files = (load_pair_data if task == "dpo" else load_data)(args, tokenizer, template)
     model_path = args.model.model_name_or_path
     model_config = check_model_dir(model_path, "--model_name_or_path", need_weights=not args.training.dry_run)
     check_vocab(model_vocab_size(model_path), len(tokenizer), model_path, args.model.tokenizer_name_or_path)
@@ -516,6 +584,8 @@ def tokenize(args: TrainArgs, task: str, inputs: Inputs) -> Tokenized:
     with training.main_process_first(desc="tokenizing"):
         if task == "pt":
             data = tokenize_pretrain(args, inputs.tokenizer, inputs.files, args.data.block_size)
+        elif task == "dpo":
+            data = pair_sets(inputs.files)
         else:
             data = tokenize_sft(args, inputs.tokenizer, inputs.template, inputs.files)
     if training.local_process_index != 0 and not data.from_cache:
@@ -530,10 +600,13 @@ def tokenize(args: TrainArgs, task: str, inputs: Inputs) -> Tokenized:
 
 
 def dry_run(args: TrainArgs, task: str, tokenizer: TextTokenizer, data: Tokenized) -> str:
-    # Every token of a block is a label; SFT labels only the answers.
-    labelled = (
-        data.train_set.num_tokens() if task == "pt" else int((data.train_set.labels != IGNORE_INDEX).sum())
-    )
+    # Every token of a block is a label; SFT labels only the answers, preference training both of a pair's.
+    if task == "pt":
+        labelled = data.train_set.num_tokens()
+    elif task == "dpo":
+        labelled = data.train_set.labelled()
+    else:
+        labelled = int((data.train_set.labels != IGNORE_INDEX).sum())
     return dry_run_report(args, len(tokenizer), data.train_set.lengths(), labelled)
 
 
@@ -595,7 +668,7 @@ def describe_run(args: TrainArgs, task: str, data: Tokenized, fast) -> dict:
             described["data"].pop(name, None)
     training = args.training
     return {
-        "task": {"sft": "instruction tuning", "pt": "pre-training"}[task],
+        "task": {"sft": "instruction tuning", "pt": "pre-training", "dpo": "preference training"}[task],
         **described,
         "effective": {
             "device": training.device.type,
@@ -607,6 +680,7 @@ def describe_run(args: TrainArgs, task: str, data: Tokenized, fast) -> dict:
         "data_stats": data.stats,
         "compute_dtype": fast.compute_dtype,
         "speedups": fast.report,
+        **({"preference": asdict(preference_options(training))} if task == "dpo" else {}),
     }
 
 
@@ -621,12 +695,19 @@ def make_trainer(args, task, inputs: Inputs, data: Tokenized, fast, run_args: di
     # checkpoint being resumed from.
     keep, training.save_total_limit = training.save_total_limit, None
     stop = StopCallback()
-    trainer = SftTrainer(
+    if task == "dpo":
+        # The fused head of the speed-ups, when they made one, serves the preference log-probs too.
+        trainer_class, collator = PreferenceTrainer, PairCollator(inputs.tokenizer.pad_id, args.data.packing)
+        task_options = {"options": preference_options(training), "head": getattr(fast.loss, "head", None)}
+    else:
+        trainer_class, task_options = SftTrainer, {}
+        collator = PackingCollator() if args.data.packing else Collator(inputs.tokenizer.pad_id)
+    trainer = trainer_class(
         model=fast.model,
         args=training,
         train_dataset=data.train_set,
         eval_dataset=data.eval_set,
-        data_collator=PackingCollator() if args.data.packing else Collator(inputs.tokenizer.pad_id),
+        data_collator=collator,
         callbacks=[
             *(callbacks or []),
             CheckpointCallback(
@@ -644,9 +725,12 @@ def make_trainer(args, task, inputs: Inputs, data: Tokenized, fast, run_args: di
             *fast.callbacks,
         ],
         max_tokens_per_pass=training.max_tokens_per_pass,
-        loss=fast.loss,
+        loss=None if task == "dpo" else fast.loss,
         autocast=fast.autocast,
+        **task_options,
     )
+    if task == "dpo":
+        attach_reference(trainer, [data.train_set, data.eval_set])
     return trainer, stop
 
 
@@ -666,7 +750,8 @@ def fit(args: TrainArgs, trainer: SftTrainer, stop: StopCallback, resume_from: s
         trainer.save_state()
     if training.do_eval and data.eval_set is not None:
         metrics = trainer.evaluate()
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        if not isinstance(trainer, PreferenceTrainer):  # a preference loss is no cross-entropy
+            metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

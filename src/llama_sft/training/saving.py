@@ -6,7 +6,8 @@ complete); on error ``tmp`` is removed and ``final`` is untouched. ``write_lora_
 folder with what ``sft_lora_model`` must hold beside the adapter weights; ``write_model_folder``
 what ``sft_full_model`` (a complete Hugging Face model folder, after full fine-tuning) must hold
 beside the model's weights and config. ``output_name(full, task)`` is the name of either; a
-pre-training run writes ``pt_lora_model`` / ``pt_full_model``, the same folders without a template.
+pre-training run writes ``pt_lora_model`` / ``pt_full_model``, the same folders without a template;
+a preference run (``dpo``) ``dpo_lora_model`` / ``dpo_full_model``, the same folders as SFT's.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ LORA_DIR = "sft_lora_model"
 FULL_DIR = "sft_full_model"
 PT_LORA_DIR = "pt_lora_model"
 PT_FULL_DIR = "pt_full_model"
-OUTPUT_DIRS = (LORA_DIR, FULL_DIR, PT_LORA_DIR, PT_FULL_DIR)
-TASKS = ("sft", "pt")
+DPO_LORA_DIR = "dpo_lora_model"
+DPO_FULL_DIR = "dpo_full_model"
+OUTPUT_DIRS = (LORA_DIR, FULL_DIR, PT_LORA_DIR, PT_FULL_DIR, DPO_LORA_DIR, DPO_FULL_DIR)
+TASKS = ("sft", "pt", "dpo")
 ARGS_FILE = "training_args.json"
 
 
@@ -70,6 +73,8 @@ def adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 def output_name(full: bool, task: str = "sft") -> str:
     if task == "pt":
         return PT_FULL_DIR if full else PT_LORA_DIR
+    if task == "dpo":
+        return DPO_FULL_DIR if full else DPO_LORA_DIR
     return FULL_DIR if full else LORA_DIR
 
 
