@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed JIT-builds a CPU op once; keep the build beside the project so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv demo test lint format bench bench-quick clean browser fuzz llama-cpp
+.PHONY: venv demo test lint format bench bench-quick bench-eval bench-export clean browser fuzz llama-cpp
 
 venv: $(STAMP)
 
@@ -70,6 +70,19 @@ bench: venv
 bench-quick: venv
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/train_bench.py --quick
+
+# llama-sft export of a ~1B-parameter LLaMA (random weights, 12 GB of scratch disk) for every --outtype:
+# time, peak RSS, file size, llama.cpp decode speed (EXPORT_BENCH_ARGS=--quick: a smoke test).
+EXPORT_BENCH_ARGS ?=
+bench-export: venv llama-cpp
+	$(BIN)/python bench/export_bench.py $(EXPORT_BENCH_ARGS)
+
+# C-Eval scoring: the original evaluator, lm-evaluation-harness and `llama-sft eval` side by side
+# (EVAL_BENCH_ARGS=--quick: a tiny model, to check every path end to end).
+EVAL_BENCH_ARGS ?=
+bench-eval: venv
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/eval_bench.py $(EVAL_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

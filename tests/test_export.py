@@ -9,6 +9,7 @@ transformers and ``llama-sft chat``; its tokenizer (and the real 32000/55296-pie
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from llama_sft.cli import main as cli_main
 from llama_sft.data.templates import Template, load_template, prompt_ids
 from llama_sft.data.tokenizer import TextTokenizer
 from llama_sft.tools.demo import build_demo, demo_records, demo_train_argv, make_model, make_tokenizer
-from llama_sft.tools.export import export, modelfile, modelfile_path
+from llama_sft.tools.export import export, export_files, modelfile, modelfile_path
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed: `make test` builds and installs it once"
@@ -175,6 +176,29 @@ def test_quantised_top1_agrees_with_transformers(demo, reference, outtype):
     sizes = {name: path.stat().st_size for name, path in files.items()}
     # q8_0: 34 bytes a block of 32 against f16's 64; the demo's 341-wide FFN matrices stay f16.
     assert sizes["q8_0"] < 0.7 * sizes["f16"] and sizes["bf16"] == pytest.approx(sizes["f16"], rel=0.01)
+
+
+def test_quantised_perplexity_close_to_float_on_held_out_demo_text(demo, tmp_path):
+    """export --check on the trained demo: llama.cpp's perplexity of each quantised file on the held-out
+    conversations (prompt and answer, as the LoRA was trained on them) against the f16 file's."""
+    root, lora, _ = demo
+    template = load_template(lora)
+    _, held = demo_records()
+    documents = [{"text": template.render(r.full_instruction) + " " + r.output} for r in held]
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in documents) + "\n", encoding="utf-8")
+    export_files(root / "base_model", [lora], tmp_path / "demo.gguf", "f16,q8_0,q4_k_m", check=text,
+                 check_block_size=128, check_blocks=4)  # fmt: skip
+    report = json.loads((tmp_path / "demo.check.json").read_text())
+    rows = {row["outtype"]: row for row in report["files"]}
+    print({t: (round(r["perplexity"], 3), round(r["top1_agreement"], 3)) for t, r in rows.items()})
+    assert report["reference"] == "f16" and report["blocks"] == 4
+    # Trained on answers only, the demo predicts prompts badly: the perplexity of whole conversations is
+    # high, and what is checked is each quantised file's distance from the float one.
+    assert math.isfinite(rows["f16"]["perplexity"]) and rows["f16"]["top1_agreement"] == 1.0
+    for outtype in ("q8_0", "q4_k_m"):
+        assert rows[outtype]["perplexity"] == pytest.approx(rows["f16"]["perplexity"], rel=0.1), outtype
+        assert 0.9 <= rows[outtype]["top1_agreement"] <= 1.0, outtype
 
 
 def test_chat_completion_with_embedded_template_equals_llama_sft_chat(demo, tmp_path):

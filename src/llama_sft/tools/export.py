@@ -8,7 +8,11 @@ map and quantisers.
 
 * Tensors: ``f32``, ``f16``, ``bf16`` or ``q8_0``; norms (1-D) stay float32, as llama.cpp's own
   converter keeps them; a matrix whose rows do not split into 32-value blocks falls back to f16 in
-  ``q8_0``. The q/k rows are put in llama.cpp's rotary order (Meta's interleaved pairs, the inverse of
+  ``q8_0``. ``q4_k_m``, ``q5_k_m``, ``q6_k``, ``q4_0`` and ``q5_0`` are made by llama.cpp's own
+  quantizer (llama-cpp-python) from the float file written on the way, llama.cpp choosing each
+  tensor's type. A comma-separated ``outtype`` writes NAME.TYPE.gguf for each from one pass over
+  the weights; ``check`` runs each file through llama.cpp on held-out text (perplexity, top-1
+  agreement with the float file). The q/k rows are put in llama.cpp's rotary order (Meta's interleaved pairs, the inverse of
   the permutation the Hugging Face conversion applied), per key/value head for grouped-query attention.
 * Metadata: context length, sizes, head counts (grouped key/value heads included), RoPE base and
   linear or YaRN scaling, RMS epsilon; the SentencePiece vocabulary with scores and token types
@@ -26,6 +30,7 @@ map and quantisers.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import json
 import logging
@@ -34,6 +39,8 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +49,17 @@ import numpy as np
 import torch
 
 from ..checks import MODEL_CONFIG, ModelError, has_tokenizer
+from ..data.records import DataError
 from ..data.templates import Template, TemplateError
 from ..data.tokenizer import SP_MODEL, TextTokenizer, TokenizerError
 from ..loading import resolve_template
 from ..options import add_config, add_lora_model, parse_command
+from .evaluate.perplexity import perplexity_result, text_blocks
 from .weights import (
     EMBED_KEY,
     Adapter,
     BaseModel,
+    lora_server_notice,
     merged_tensor,
     open_weights,
     output_tokenizer,
@@ -73,6 +83,23 @@ FILE_TYPES = {
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
+# Types llama.cpp's own quantizer makes from the float file (the gguf package has no k-quant writer);
+# each name is the binding's llama_ftype constant.
+LLAMA_CPP_TYPES = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+}
+OUTTYPES = (*QTYPES, *LLAMA_CPP_TYPES)
+# The float file quantized types are made from, and --check's reference: the most precise one asked for,
+# else an f16 file written on the way and removed (llama.cpp's own converter writes f16 by default).
+FLOAT_SOURCES = ("f32", "f16", "bf16")
+LLAMA_CPP_MISSING = (
+    "is made by llama.cpp's quantizer, through llama-cpp-python, which is not installed; "
+    "install it with `pip install 'llama-sft[llamacpp]'` (or `make llama-cpp`)"
+)
 ARCH = gguf.MODEL_ARCH.LLAMA
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
 # Hugging Face classes whose weights are llama.cpp's LLaMA graph.
@@ -583,11 +610,14 @@ def ollama_template(template: Template, eos: str, bos: str = "<s>") -> str:
 
 
 def stop_strings(template: Template, eos: str) -> list[str]:
-    """The end-of-turn token, and the start of the next instruction (the last line before
-    ``{instruction}`` in the follow-up prompt), so a model that runs on into a new turn stops."""
+    """The end-of-turn token (and EOS, when the template ends turns with another token), and the
+    start of the next instruction (the last line before ``{instruction}`` in the follow-up prompt),
+    so a model that runs on into a new turn stops."""
     followup = template.followup_prompt if template.followup_prompt is not None else template.prompt
     lead = [line.strip() for line in followup.split("{instruction}")[0].splitlines() if line.strip()]
     stops = [getattr(template, "end_of_turn", None) or eos]
+    if eos not in stops:
+        stops.append(eos)
     if lead and "{system_prompt}" not in lead[-1]:
         stops.append(lead[-1])
     return stops
@@ -600,6 +630,200 @@ def modelfile(gguf_name: str, template: Template, eos: str, bos: str = "<s>") ->
 
 
 # ---------------------------------------------------------------------------------------------
+# llama.cpp: its quantizer, and its perplexity on held-out text (--check)
+
+
+def llama_cpp_binding(what: str):
+    """llama-cpp-python, or an ExportError saying how to install it (``what`` names the flag value)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(f"{what} {LLAMA_CPP_MISSING}") from None
+    return llama_cpp
+
+
+@contextmanager
+def c_stderr_captured():
+    """File descriptor 2 redirected to a temporary file, for C code that prints there (llama.cpp's
+    loader and quantizer report every tensor); yields a list that holds the text afterwards."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def quantize(source: Path, target: Path, outtype: str) -> None:
+    """``target`` as ``outtype`` made by llama.cpp's own quantizer from the float GGUF ``source``.
+    llama.cpp chooses the type per tensor: a k-quant needs rows of 256 values, and a narrower matrix
+    gets the nearest legacy type whose blocks fit (q5_0, q5_1, q8_0) or stays f16."""
+    llama_cpp = llama_cpp_binding(f"--outtype {outtype}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[outtype])
+    with c_stderr_captured() as log:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(target).encode(), ctypes.byref(params)
+        )
+    if status != 0:
+        lines = [line for line in log[0].splitlines() if line.strip()]
+        if any("No space left" in line for line in lines):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reason = lines[-1].strip() if lines else f"status {status}"
+        raise ExportError(f"{target.name}: llama.cpp's quantizer could not make {outtype}: {reason}")
+
+
+def _has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load_gguf(path: Path, **settings):
+    """``llama_cpp.Llama`` on the file, quietly. On CPUs with AMX, llama.cpp's repacked copy of Q8_0
+    weights crashes this build, so weight repacking is turned off there (llama.cpp's --no-repack),
+    through the binding's default-parameters function when it has that field."""
+    llama_cpp = llama_cpp_binding("--check")
+    from llama_cpp import llama as module
+
+    defaults = module.llama_cpp.llama_model_default_params
+    if _has_amx():
+        if hasattr(defaults(), "use_extra_bufts"):
+
+            def no_repack():
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            module.llama_cpp.llama_model_default_params = no_repack
+        else:
+            logger.info("this llama-cpp-python cannot turn weight repacking off; q8_0 may fail on AMX CPUs")
+    try:
+        with c_stderr_captured():
+            return llama_cpp.Llama(str(path), verbose=False, **settings)
+    finally:
+        module.llama_cpp.llama_model_default_params = defaults
+
+
+def read_check_blocks(
+    text: str | Path, tokenizer: TextTokenizer, block_size: int, count: int
+) -> list[list[int]]:
+    """The first ``count`` blocks of ``block_size`` ids of the text at ``text``, the blocks
+    ``llama-sft eval --task perplexity`` scores (each file read and cut as ``pretrain`` does), so a
+    GGUF's perplexity here and the model's there are measured on the same tokens."""
+    if block_size < 2:
+        raise ExportError(f"--check_block_size {block_size}: a block needs at least 2 tokens; use 512")
+    if count < 1:
+        raise ExportError(f"--check_blocks {count}: give 1 or more")
+    try:
+        found = text_blocks(tokenizer, text, block_size)
+    except DataError as exc:
+        # The readers are pretrain's and eval's, whose flags are --dataset_dir and --block_size.
+        message = str(exc).replace("--dataset_dir", "--check").replace("--block_size", "--check_block_size")
+        raise DataError(message) from None
+    return [block for _, blocks in found for block in blocks][:count]
+
+
+@dataclass
+class Scores:
+    """What llama.cpp predicts for held-out blocks: the negative log-likelihood of each next token,
+    summed, over ``positions``, and its top-1 choice at every position."""
+
+    nll: float
+    positions: int
+    top1: np.ndarray
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity_result([("blocks", self.nll, self.positions)])["overall"]["perplexity"]
+
+
+def gguf_scores(path: Path, blocks: list[list[int]]) -> Scores:
+    """Each block evaluated by llama.cpp from an empty context (n_ctx = the block), every position's
+    logits kept: the next-token loss of positions 0..n-2 and the top-1 token of each."""
+    size = len(blocks[0])
+    llm = load_gguf(path, n_ctx=size, n_batch=size, n_ubatch=size, logits_all=True)
+    nll, positions, top1 = 0.0, 0, []
+    try:
+        for ids in blocks:
+            llm.reset()
+            llm.eval(ids)
+            logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+            peak = logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+            targets = np.asarray(ids[1:])
+            nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+            positions += len(targets)
+            top1.append(logits.argmax(axis=1))
+    finally:
+        llm.close()
+    return Scores(nll, positions, np.concatenate(top1))
+
+
+def check_files(files: dict[str, Path], reference: Path, blocks: list[list[int]]) -> list[dict]:
+    """Perplexity of each file on the blocks, and how often its top-1 token is the float file's."""
+    expected = gguf_scores(reference, blocks)
+    rows = []
+    for outtype, path in files.items():
+        got = expected if path == reference else gguf_scores(path, blocks)
+        rows.append(
+            {
+                "outtype": outtype,
+                "file": path.name,
+                "bytes": path.stat().st_size,
+                "perplexity": got.perplexity,
+                "top1_agreement": float((got.top1 == expected.top1).mean()),
+            }
+        )
+    return rows
+
+
+def check_table(rows: list[dict], reference: str, blocks: list[list[int]]) -> str:
+    lines = [
+        f"llama.cpp on {len(blocks)} held-out blocks of {len(blocks[0])} tokens; "
+        f"top-1 agreement against {reference}",
+        f"{'outtype':<8} {'MiB':>9} {'perplexity':>11} {'agreement':>10}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['outtype']:<8} {row['bytes'] / 2**20:>9.2f} {row['perplexity']:>11.3f} "
+            f"{row['top1_agreement']:>10.2%}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_outtypes(outtype: str | list[str]) -> list[str]:
+    """``--outtype``: one type, or a comma-separated list (each written once, in the order given)."""
+    given = outtype.split(",") if isinstance(outtype, str) else list(outtype)
+    outtypes = list(dict.fromkeys(item.strip() for item in given))
+    for item in outtypes:
+        if item not in OUTTYPES:
+            raise ExportError(
+                f"--outtype {item!r}: choose one of {', '.join(OUTTYPES)}, or a comma-separated list"
+            )
+    return outtypes
+
+
+def output_paths(out: Path, outtypes: list[str]) -> dict[str, Path]:
+    """One type: ``--output_file`` itself; a list: NAME.TYPE.gguf beside it for each type."""
+    if len(outtypes) == 1:
+        return {outtypes[0]: out}
+    return {outtype: out.with_name(f"{out.stem}.{outtype}.gguf") for outtype in outtypes}
+
+
+def check_report_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.check.json")
 
 
 def modelfile_path(output_file: Path) -> Path:
@@ -654,14 +878,52 @@ def export(
     base_model: str | Path,
     lora_models: list[str | Path] = (),
     output_file: str | Path = "model.gguf",
-    outtype: str = "f16",
+    outtype: str | list[str] = "f16",
     overwrite: bool = False,
     prompt_template: str | None = None,
+    check: str | Path | None = None,
+    check_block_size: int = 512,
+    check_blocks: int = 16,
 ) -> Path:
-    if outtype not in QTYPES:
-        raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(QTYPES)}")
+    """The GGUF file written (the first, for a list of types: ``export_files`` returns them all)."""
+    return next(iter(export_files(**locals()).values()))
+
+
+def export_files(
+    base_model: str | Path,
+    lora_models: list[str | Path] = (),
+    output_file: str | Path = "model.gguf",
+    outtype: str | list[str] = "f16",
+    overwrite: bool = False,
+    prompt_template: str | None = None,
+    check: str | Path | None = None,
+    check_block_size: int = 512,
+    check_blocks: int = 16,
+) -> dict[str, Path]:
+    """Every type in ``outtype`` from one pass over the weights: the types the gguf package writes
+    (f32, f16, bf16, q8_0) are written as the tensors stream by, and llama.cpp's quantizer then makes
+    each of ``LLAMA_CPP_TYPES`` from the float file. With ``check`` (text files, as ``pretrain`` reads
+    them), each file's perplexity and top-1 agreement with the float file on held-out blocks is
+    printed and written to NAME.check.json."""
+    outtypes = parse_outtypes(outtype)
+    quantized = [t for t in outtypes if t in LLAMA_CPP_TYPES]
+    if quantized:
+        llama_cpp_binding(f"--outtype {quantized[0]}")
+    if check is not None:
+        llama_cpp_binding("--check")
     out = Path(output_file)
-    _check_output(out, overwrite)
+    if out.suffix != ".gguf":
+        raise ExportError(
+            f"--output_file {out}: name the file NAME.gguf (llama.cpp and Ollama look for .gguf)"
+        )
+    targets = output_paths(out, outtypes)
+    for path in targets.values():
+        _check_output(path, overwrite)
+    report = check_report_path(out)
+    if check is not None and report.exists() and not overwrite:
+        raise ExportError(
+            f"{report}: already exists; pass --overwrite to replace it, or choose another --output_file"
+        )
     base = read_base_model(base_model)
     check_architecture(base)
     adapters = [read_adapter(folder, base) for folder in lora_models]
@@ -677,45 +939,100 @@ def export(
     template = resolve_template(prompt_template, [a.folder for a in adapters], base.folder)
     # A template that ends answers with its own token (chatml's <|im_end|>) needs it in the vocabulary.
     template.end_id(tokenizer)
-    plans = plan_tensors(base, shapes, outtype)
-    needed = sum(plan.nbytes for plan in plans) + sum(map(len, vocab.tokens)) + len(vocab.tokens) * 16
+    if template.bos == "none":
+        # Training put no BOS before such prompts; llama.cpp and Ollama add one when the flag says so.
+        vocab.add_bos = False
+    blocks = None
+    if check is not None:
+        context = read_hparams(base).context
+        blocks = read_check_blocks(check, tokenizer, min(check_block_size, context), check_blocks)
+
+    written = [t for t in outtypes if t in QTYPES]
+    source = next((t for t in FLOAT_SOURCES if t in written), None)
+    pid = os.getpid()
+    temporary_source = None
+    if source is None and (quantized or check is not None):
+        source = "f16"
+        temporary_source = out.with_name(f".{out.stem}.f16-source.tmp-{pid}.gguf")
+    plans = {
+        t: plan_tensors(base, shapes, t) for t in dict.fromkeys([*written, *([source] if source else [])])
+    }
+    vocab_bytes = sum(map(len, vocab.tokens)) + len(vocab.tokens) * 16
+    needed = sum(sum(plan.nbytes for plan in plans[t]) + vocab_bytes for t in plans)
+    # A quantized file is at most a q8_0 one: llama.cpp falls back to q8_0 or f16 where q8_0 would.
+    needed += len(quantized) * (sum(plan.nbytes for plan in plan_tensors(base, shapes, "q8_0")) + vocab_bytes)
     _check_disk(out, needed)
+    if notice := lora_server_notice(adapters, base.folder):
+        logger.info(notice)
 
     name = Path(lora_models[-1]).name if lora_models else base.folder.name
-    writer = gguf.GGUFWriter(None, ARCH_NAME)
-    write_hparams(writer, base, rows, outtype, name)
-    write_vocabulary(writer, vocab)
-    writer.add_chat_template(template.chat_template())
-    for plan in plans:
-        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_modelfile = out.with_name(f".{modelfile_path(out).name}.tmp-{os.getpid()}")
+    temps = {t: path.with_name(f".{path.name}.tmp-{pid}") for t, path in targets.items()}
+    if temporary_source is not None:
+        temps[source] = temporary_source
+    temp_modelfiles = {
+        t: path.with_name(f".{modelfile_path(path).name}.tmp-{pid}") for t, path in targets.items()
+    }
+    writers = {}
     logger.info(
         "exporting %s%s to %s (%s, %d tensors, about %.1f MB)",
         base.folder,
         "".join(f" + {a.folder}" for a in adapters),
-        out,
-        outtype,
-        len(plans),
+        ", ".join(str(p) for p in targets.values()),
+        ",".join(outtypes),
+        len(next(iter(plans.values()))),
         needed / 2**20,
     )
     try:
-        writer.open_output_file(tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for plan, tensor in iter_tensors(base, adapters, plans):
-            try:
-                data = convert(tensor, plan)
-            except NotRepresentable as exc:
-                raise _not_representable(base, adapters, plan, outtype, exc) from None
-            writer.write_tensor_data(data)
-        writer.close()
+        for t in plans:
+            writer = writers[t] = gguf.GGUFWriter(None, ARCH_NAME)
+            write_hparams(writer, base, rows, t, name)
+            write_vocabulary(writer, vocab)
+            writer.add_chat_template(template.chat_template())
+            for plan in plans[t]:
+                writer.add_tensor_info(
+                    plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype
+                )
+            writer.open_output_file(temps[t])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        by_key = {t: {plan.key: plan for plan in plans[t]} for t in plans}
+        first = next(iter(plans))
+        # One pass over the weights: each merged tensor goes to every file before the next is read.
+        for plan, tensor in iter_tensors(base, adapters, plans[first]):
+            for t, writer in writers.items():
+                this = by_key[t][plan.key]
+                try:
+                    data = convert(tensor, this)
+                except NotRepresentable as exc:
+                    raise _not_representable(base, adapters, this, t, exc) from None
+                writer.write_tensor_data(data)
+        for writer in writers.values():
+            writer.close()
+        for t in quantized:
+            quantize(temps[source], temps[t], t)
         eos, bos = (vocab.tokens[i].decode() for i in (vocab.eos_id, vocab.bos_id))
-        tmp_modelfile.write_text(modelfile(out.name, template, eos, bos))
-        os.replace(tmp, out)
-        os.replace(tmp_modelfile, modelfile_path(out))
+        for t, path in targets.items():
+            temp_modelfiles[t].write_text(modelfile(path.name, template, eos, bos))
+        for t, path in targets.items():
+            os.replace(temps[t], path)
+            os.replace(temp_modelfiles[t], modelfile_path(path))
+        if blocks is not None:
+            reference = targets[source] if temporary_source is None else temporary_source
+            rows_checked = check_files(targets, reference, blocks)
+            label = source if temporary_source is None else f"{source} (written for the check, removed)"
+            table = check_table(rows_checked, label, blocks)
+            print(table)
+            result = {
+                "text": str(check),
+                "blocks": len(blocks),
+                "block_size": len(blocks[0]),
+                "reference": label,
+                "files": rows_checked,
+            }
+            temp_report = report.with_name(f".{report.name}.tmp-{pid}")
+            temp_report.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(temp_report, report)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise ExportError(
@@ -723,11 +1040,17 @@ def export(
             ) from None
         raise
     finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        tmp_modelfile.unlink(missing_ok=True)
-    logger.info("wrote %s (%.1f MB) and %s", out, out.stat().st_size / 2**20, modelfile_path(out).name)
-    return out
+        for writer in writers.values():
+            writer.close()
+        for path in [
+            *temps.values(),
+            *temp_modelfiles.values(),
+            report.with_name(f".{report.name}.tmp-{pid}"),
+        ]:
+            path.unlink(missing_ok=True)
+    for path in targets.values():
+        logger.info("wrote %s (%.1f MB) and %s", path, path.stat().st_size / 2**20, modelfile_path(path).name)
+    return targets
 
 
 OPTIONS = (
@@ -735,16 +1058,38 @@ OPTIONS = (
         "--base_model",
         {"required": True, "help": "Hugging Face LLaMA folder: the base, or a merged/full model."},
     ),
-    ("--output_file", {"required": True, "help": "The .gguf file to write (OUT.Modelfile beside it)."}),
+    (
+        "--output_file",
+        {
+            "required": True,
+            "help": "The .gguf file to write (OUT.Modelfile beside it); NAME.TYPE.gguf for a list.",
+        },
+    ),
     (
         "--outtype",
-        {"default": "f16", "help": f"Tensor type: {', '.join(QTYPES)} (default f16); norms stay f32."},
+        {
+            "default": "f16",
+            "help": f"Tensor type: {', '.join(QTYPES)} (the gguf package), {', '.join(LLAMA_CPP_TYPES)} "
+            "(llama.cpp's quantizer, from the float file), or a comma-separated list (default f16).",
+        },
     ),
     (
         "--prompt_template",
         {"help": "Template name or JSON file. Default: template.json of the last LoRA, then the model's."},
     ),
     ("--overwrite", {"action": "store_true", "help": "Replace an existing output file (and its Modelfile)."}),
+    (
+        "--check",
+        {
+            "help": "Held-out text (a .txt/.jsonl file or folder, read as pretrain reads it): report each file's "
+            "perplexity in llama.cpp and its top-1 agreement with the float file (NAME.check.json)."
+        },
+    ),
+    ("--check_block_size", {"type": int, "default": 512, "help": "Tokens a --check block (default 512)."}),
+    (
+        "--check_blocks",
+        {"type": int, "default": 16, "help": "Blocks --check evaluates at most (default 16)."},
+    ),
 )
 
 
@@ -764,15 +1109,19 @@ def main(argv: list[str]) -> None:
     args = parse_command(build_parser(), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        out = export(
+        files = export_files(
             args.base_model,
             args.lora_model,
             args.output_file,
             args.outtype,
             args.overwrite,
             args.prompt_template,
+            args.check,
+            args.check_block_size,
+            args.check_blocks,
         )
-    except (ModelError, ExportError, TokenizerError, TemplateError) as exc:
+    except (ModelError, ExportError, TokenizerError, TemplateError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"GGUF written to {out}; Ollama: ollama create NAME -f {modelfile_path(out)}")
+    for out in files.values():
+        print(f"GGUF written to {out}; Ollama: ollama create NAME -f {modelfile_path(out)}")

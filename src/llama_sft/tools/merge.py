@@ -49,6 +49,7 @@ from .weights import (
     BaseModel,
     SafetensorsWriter,
     iter_merged,
+    lora_server_notice,
     output_tokenizer,
     plan_shapes,
     read_adapter,
@@ -246,6 +247,9 @@ def merge(
     tokenizer = output_tokenizer(base, adapters, rows)
     if rows != base.shapes[EMBED_KEY][0]:
         logger.info("vocabulary: %d -> %d tokens", base.shapes[EMBED_KEY][0], rows)
+    if notice := lora_server_notice(adapters, base.folder, merged=out):
+        # The merged folder is the way to serve such an adapter; say so where the user decides.
+        logger.warning(notice)
     logger.info(
         "merging %d LoRA(s) into %s, %d base file(s), largest %.1f MB",
         len(adapters),

@@ -556,3 +556,37 @@ def output_tokenizer(base: BaseModel, adapters: list[Adapter], rows: int) -> Tex
             )
         return tokenizer
     return None
+
+
+def whole_modules(adapter: Adapter) -> list[str]:
+    """The modules an adapter saves whole (PEFT's ``modules_to_save``, such as ``embed_tokens`` and
+    ``lm_head`` for an extended vocabulary): listed in adapter_config.json, or found in its weights."""
+    listed = adapter.config.get("modules_to_save") or []
+    names = [name for name in listed if isinstance(name, str)] if isinstance(listed, list) else []
+    for key, ops in adapter.ops.items():
+        if any(isinstance(op, Replace) for op in ops):
+            module = key.removesuffix(".weight").split(".")[-1]
+            if module not in names:
+                names.append(module)
+    return names
+
+
+def lora_server_notice(
+    adapters: list[Adapter], base_folder: Path, merged: str | Path | None = None
+) -> str | None:
+    """One line for an adapter that LoRA servers cannot load (vLLM takes low-rank updates only, not
+    whole modules), with the commands that serve the same model merged; None when every adapter is
+    plain LoRA. ``merged`` names the folder being written by ``merge``, if that is what runs."""
+    whole = [(adapter, names) for adapter in adapters if (names := whole_modules(adapter))]
+    if not whole:
+        return None
+    adapter, names = whole[-1]
+    loras = ",".join(str(a.folder) for a in adapters)
+    if merged is None:
+        serve = f"llama-sft merge --base_model {base_folder} --lora_model {loras} --output_dir MERGED && vllm serve MERGED"
+    else:
+        serve = f"vllm serve {merged}"
+    return (
+        f"{adapter.folder}: saves whole modules ({', '.join(names)}: modules_to_save), which vLLM and other "
+        f"LoRA servers cannot load with --enable-lora; serve the merged model: {serve}"
+    )
