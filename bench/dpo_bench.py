@@ -16,7 +16,7 @@ end), the first and last logged loss.
     python bench/dpo_bench.py            # hidden 512, 4 layers, 64 pairs, max length 512
     python bench/dpo_bench.py --quick    # hidden 128, 2 layers, 16 pairs, max length 256
 
-Writes bench/results/dpo_DATE_MODE.json (or --out).
+Writes bench/results/DATE_MACHINE_dpo[-quick].json (or --out).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+from train_bench import describe_machine  # noqa: E402  (the CPU's model and features, as every bench records)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(os.environ.get("LLAMA_SFT_SHARED", ROOT.parent / "shared")).resolve()
@@ -263,15 +265,14 @@ def main() -> None:
     print(f"llama-sft / TRL: {speed:.2f}x tokens/s, {memory:.2f}x peak RSS")
     report = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": describe_machine(),
         "workload": {k: v for k, v in workload.items() if k != "scratch"},
         "results": results,
         "speed_ratio": speed,
         "memory_ratio": memory,
     }
-    out = Path(
-        args.out or HERE / "results" / f"dpo_{report['date']}_{'quick' if args.quick else 'full'}.json"
-    )
+    name = f"{report['date']}_{report['machine']['name']}_dpo{'-quick' if args.quick else ''}.json"
+    out = Path(args.out or HERE / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out}")
