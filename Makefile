@@ -51,7 +51,7 @@ llama-cpp: venv
 	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
 
 test: lint browser llama-cpp
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q --durations=15 tests
 
 # A long random search of every input surface (tests/test_fuzz.py), round after round with new seeds,
 # for FUZZ_MINUTES; a failing input is saved in tests/bad_inputs/found/ and the search stops.
