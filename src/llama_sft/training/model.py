@@ -208,8 +208,8 @@ def attach_lora(model: torch.nn.Module, lora: LoraArguments) -> PeftModel:
     return model
 
 
-def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
-    given = {
+def _adapter_options(lora: LoraArguments) -> dict:
+    return {
         "r": lora.lora_rank,
         "lora_alpha": lora.lora_alpha,
         "lora_dropout": lora.lora_dropout,
@@ -218,6 +218,13 @@ def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
         "use_dora": lora.use_dora,
         "use_rslora": lora.use_rslora,
     }
+
+
+def _warn_disagreements(saved: dict, lora: LoraArguments) -> None:
+    # Only options set away from their defaults are the user's: a script that continues an adapter
+    # without naming its rank should not be told that the default rank is ignored.
+    defaults = _adapter_options(LoraArguments())
+    given = {key: value for key, value in _adapter_options(lora).items() if value != defaults[key]}
     for key, value in given.items():
         stored = saved.get(key)
         if isinstance(stored, list | tuple | set):
