@@ -145,14 +145,19 @@ def test_peft_path_keeps_its_dora_config(tmp_path, caplog):
     )
     with caplog.at_level(logging.WARNING):
         model = attach_lora(load_model(base), given)
-    assert "its use_dora is True; the flag's False is ignored" in caplog.text
-    assert "its use_rslora is True; the flag's False is ignored" in caplog.text
+    # --use_dora and --use_rslora were left at their defaults: nothing of the user's is ignored, and
+    # the adapter stays DoRA.
+    assert "is ignored" not in caplog.text
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("lora_magnitude_vector" in name for name in trainable)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         attach_lora(load_model(base), LoraArguments(**{**vars(given), "use_dora": True, "use_rslora": True}))
     assert "is ignored" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        attach_lora(load_model(base), LoraArguments(**{**vars(given), "lora_rank": 16}))
+    assert "its r is 4; the flag's 16 is ignored" in caplog.text
 
 
 def test_dry_run_counts_the_magnitudes(tmp_path):
