@@ -147,9 +147,13 @@ def generate_ids(
         streamer=streamer,
         **settings.generate_kwargs(),
     )
-    answer = output[0, len(prompt) :].tolist()
-    ends = [answer.index(stop) for stop in stops if stop in answer]
-    return answer[: min(ends)] if ends else answer
+    return cut_at_stop(output[0, len(prompt) :].tolist(), stops)[0]
+
+
+def cut_at_stop(answer: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """The generated ids before the first stop id, and whether one was reached."""
+    ends = [answer.index(stop) for stop in stop_ids if stop in answer]
+    return (answer[: min(ends)], True) if ends else (answer, False)
 
 
 class Conversation:

@@ -35,6 +35,7 @@ from ...data.templates import Template, prompt_ids, render_text
 from ...data.tokenizer import TextTokenizer
 from ...loading import Loaded
 from ...options import ArgumentError
+from ..chat import cut_at_stop
 from .metrics import Scorer, average, require_libraries
 
 logger = logging.getLogger(__name__)
@@ -140,9 +141,8 @@ def greedy_answers(
                 repetition_penalty=1.0,
             )
             for row, index in enumerate(chosen):
-                answer = output[row, width:].tolist()
-                ends = [answer.index(stop) for stop in stop_ids if stop in answer]
-                answers[index] = (answer[: min(ends)], False) if ends else (answer, True)
+                answer, stopped = cut_at_stop(output[row, width:].tolist(), stop_ids)
+                answers[index] = (answer, not stopped)
             bar.update(len(chosen))
     return answers
 
